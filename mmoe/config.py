@@ -1,0 +1,179 @@
+"""Configuration objects shared by the model builder, the CLI, the TFX Trainer and the benchmarks.
+
+Plain dataclasses with `to_dict`/`from_dict` so a config can travel through JSON
+(TFX `custom_config`, `metrics.json`, YAML files) without pickling.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Optional
+
+ARCHITECTURES = ("mmoe", "omoe", "shared_bottom", "single_task", "cgc", "ple")
+GATE_TYPES = ("softmax", "noisy_top_k")
+TASK_KINDS = ("binary", "regression")
+FEATURE_KINDS = ("numeric", "categorical")
+
+
+def _from_dict(cls, data: dict[str, Any], what: str):
+    if not isinstance(data, dict):
+        raise ValueError(f"{what} must be a mapping, got {type(data).__name__}")
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ValueError(f"unknown {what} key(s) {unknown}; known keys: {sorted(names)}")
+    return cls(**data)
+
+
+@dataclasses.dataclass(frozen=True)
+class InputFeature:
+    """One model input, as produced by the feature transform.
+
+    Attributes:
+        name: input name (the transformed feature's key).
+        kind: "numeric" (a float scalar per example) or "categorical" (an
+            integer id in `[0, vocab_size)` per example).
+        vocab_size: number of distinct ids, including OOV buckets
+            (categorical only).
+        embedding_dim: embedding width for a categorical input; None picks
+            `min(max_embedding_dim, round(6 * vocab_size ** 0.25))`.
+    """
+
+    name: str
+    kind: str = "numeric"
+    vocab_size: Optional[int] = None
+    embedding_dim: Optional[int] = None
+
+    def __post_init__(self):
+        if self.kind not in FEATURE_KINDS:
+            raise ValueError(f"input {self.name!r}: kind must be one of {FEATURE_KINDS}, got {self.kind!r}")
+        if self.kind == "categorical" and (self.vocab_size is None or self.vocab_size < 1):
+            raise ValueError(f"categorical input {self.name!r} needs vocab_size >= 1, got {self.vocab_size}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "InputFeature":
+        return _from_dict(cls, data, "input feature")
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskSpec:
+    """One task head.
+
+    Attributes:
+        name: output name of the head (also its label key in training data).
+        kind: "binary" (sigmoid, cross-entropy, AUC) or "regression" (linear,
+            MSE, RMSE).
+        loss_weight: weight of this task's loss in the total loss.
+    """
+
+    name: str
+    kind: str = "binary"
+    loss_weight: float = 1.0
+
+    def __post_init__(self):
+        if self.kind not in TASK_KINDS:
+            raise ValueError(f"task {self.name!r}: kind must be one of {TASK_KINDS}, got {self.kind!r}")
+        if not self.loss_weight >= 0:
+            raise ValueError(f"task {self.name!r}: loss_weight must be >= 0, got {self.loss_weight}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "TaskSpec":
+        return _from_dict(cls, data, "task")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Architecture and optimisation settings of a multi-task model.
+
+    Attributes:
+        arch: one of `ARCHITECTURES`.
+        num_experts: experts shared by all tasks (MMoE, OMoE); for CGC/PLE the
+            shared experts per level.
+        task_experts: task-specific experts per task and level (CGC/PLE).
+        ple_levels: extraction levels (PLE; CGC is one level).
+        expert_units: hidden widths of each expert's MLP; the last is the
+            expert output width.
+        expert_activation, expert_dropout: expert MLP activation and dropout.
+        bottom_units: hidden widths of the shared bottom (Shared-Bottom) or of
+            each task's own network (Single-Task).
+        tower_units, tower_dropout: per-task tower MLP before the head.
+        gate: "softmax" or "noisy_top_k" (Shazeer et al. 2017).
+        gate_temperature: softmax temperature of the gates (>0; <1 sharpens).
+        top_k: experts kept per example by a noisy top-k gate.
+        balance_loss_weight: weight of the load-balancing auxiliary loss
+            (squared coefficient of variation of expert importance).
+        embedding_dim: width cap for categorical embeddings.
+        mixed_precision: bfloat16 compute in experts and towers; gates and
+            outputs stay float32.
+        learning_rate: Adam learning rate.
+    """
+
+    arch: str = "mmoe"
+    num_experts: int = 8
+    task_experts: int = 2
+    ple_levels: int = 2
+    expert_units: tuple[int, ...] = (64,)
+    expert_activation: str = "relu"
+    expert_dropout: float = 0.0
+    bottom_units: tuple[int, ...] = (128,)
+    tower_units: tuple[int, ...] = (32,)
+    tower_dropout: float = 0.0
+    gate: str = "softmax"
+    gate_temperature: float = 1.0
+    top_k: int = 2
+    balance_loss_weight: float = 0.0
+    embedding_dim: int = 16
+    mixed_precision: bool = False
+    learning_rate: float = 1e-3
+
+    def __post_init__(self):
+        # Lists from JSON/YAML become tuples so the config stays hashable.
+        for name in ("expert_units", "bottom_units", "tower_units"):
+            value = getattr(self, name)
+            if isinstance(value, int):
+                value = (value,)
+            value = tuple(int(v) for v in value)
+            if any(v < 1 for v in value):
+                raise ValueError(f"{name} must be positive widths, got {list(value)}")
+            object.__setattr__(self, name, value)
+        if self.arch not in ARCHITECTURES:
+            raise ValueError(f"arch must be one of {ARCHITECTURES}, got {self.arch!r}")
+        if self.gate not in GATE_TYPES:
+            raise ValueError(f"gate must be one of {GATE_TYPES}, got {self.gate!r}")
+        if self.num_experts < 1:
+            raise ValueError(f"num_experts must be >= 1, got {self.num_experts}")
+        if self.arch in ("cgc", "ple") and self.task_experts < 1:
+            raise ValueError(f"task_experts must be >= 1 for {self.arch}, got {self.task_experts}")
+        if self.ple_levels < 1:
+            raise ValueError(f"ple_levels must be >= 1, got {self.ple_levels}")
+        if not self.expert_units:
+            raise ValueError("expert_units needs at least one width")
+        if self.gate_temperature <= 0:
+            raise ValueError(f"gate_temperature must be > 0, got {self.gate_temperature}")
+        if self.gate == "noisy_top_k" and self.top_k < 1:
+            raise ValueError(f"top_k must be >= 1, got {self.top_k}")
+        for name in ("expert_dropout", "tower_dropout"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
+        if self.balance_loss_weight < 0:
+            raise ValueError(f"balance_loss_weight must be >= 0, got {self.balance_loss_weight}")
+        if self.learning_rate <= 0:
+            raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
+
+    def replace(self, **changes) -> "ModelConfig":
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        for name in ("expert_units", "bottom_units", "tower_units"):
+            data[name] = list(data[name])
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "ModelConfig":
+        return _from_dict(cls, data, "model config")

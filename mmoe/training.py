@@ -1,0 +1,120 @@
+"""Training and evaluation loops shared by the CLI, the TFX Trainer and the benchmarks.
+
+Data is a `TaskData`: a dict of `[n]` input arrays, a dict of `[n]` labels per
+task and optional `[n]` sample weights. Works on any Keras backend.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Mapping, Optional, Sequence
+
+import keras
+import numpy as np
+
+from mmoe.config import TaskSpec
+
+
+@dataclasses.dataclass
+class TaskData:
+    """Inputs, per-task labels and optional sample weights of one split."""
+
+    inputs: dict[str, np.ndarray]
+    labels: dict[str, np.ndarray]
+    weights: Optional[np.ndarray] = None
+
+    def __post_init__(self):
+        sizes = {k: len(v) for k, v in {**self.inputs, **self.labels}.items()}
+        if self.weights is not None:
+            sizes["<weights>"] = len(self.weights)
+        if len(set(sizes.values())) > 1:
+            raise ValueError(f"arrays of one split differ in length: {sizes}")
+        if not sizes or not next(iter(sizes.values())):
+            raise ValueError("a split needs at least one row")
+
+    def __len__(self) -> int:
+        return len(next(iter(self.inputs.values())))
+
+    def take(self, index: np.ndarray) -> "TaskData":
+        return TaskData({k: v[index] for k, v in self.inputs.items()},
+                        {k: v[index] for k, v in self.labels.items()},
+                        None if self.weights is None else self.weights[index])
+
+
+def monitor_for(task: TaskSpec) -> tuple[str, str]:
+    """Keras history key and mode of a task's validation metric."""
+    return (f"val_{task.name}_auc", "max") if task.kind == "binary" else (f"val_{task.name}_rmse", "min")
+
+
+def _sample_weights(data: TaskData, tasks: Sequence[TaskSpec]):
+    if data.weights is None:
+        return None
+    w = np.asarray(data.weights, dtype="float32")
+    return {t.name: w for t in tasks}
+
+
+def fit(model: keras.Model, tasks: Sequence[TaskSpec], train: TaskData, valid: Optional[TaskData] = None, *,
+        epochs: int = 10, batch_size: int = 512, patience: int = 3, main_task: Optional[str] = None,
+        verbose: int | str = "auto", callbacks: Sequence[keras.callbacks.Callback] = (), seed: int = 0):
+    """Trains a compiled model; with `valid`, early-stops on the main task.
+
+    Early stopping watches the main task's validation AUC (RMSE for a
+    regression head) and restores the best epoch's weights.
+
+    Returns:
+        The Keras `History`.
+    """
+    tasks = list(tasks)
+    main = next((t for t in tasks if t.name == main_task), None) if main_task else tasks[0]
+    if main is None:
+        raise ValueError(f"main task {main_task!r} is not one of {[t.name for t in tasks]}")
+    callbacks = list(callbacks)
+    validation_data = None
+    if valid is not None:
+        validation_data = (valid.inputs, valid.labels, _sample_weights(valid, tasks))
+        monitor, mode = monitor_for(main)
+        callbacks.append(keras.callbacks.EarlyStopping(monitor=monitor, mode=mode, patience=patience,
+                                                       restore_best_weights=True))
+    keras.utils.set_random_seed(seed)
+    return model.fit(train.inputs, train.labels, sample_weight=_sample_weights(train, tasks),
+                     validation_data=validation_data, epochs=epochs, batch_size=batch_size,
+                     shuffle=True, callbacks=callbacks, verbose=verbose)
+
+
+def roc_auc(labels: np.ndarray, scores: np.ndarray) -> float:
+    """Exact ROC AUC (ties counted half) via ranks; NaN if one class is absent."""
+    labels = np.asarray(labels).astype(bool)
+    scores = np.asarray(scores, dtype="float64")
+    n_pos = int(labels.sum())
+    n_neg = len(labels) - n_pos
+    if n_pos == 0 or n_neg == 0:
+        return math.nan
+    from scipy.stats import rankdata  # scipy is a dependency; lazy to keep import light
+    ranks = rankdata(scores)
+    return float((ranks[labels].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def evaluate(model: keras.Model, tasks: Sequence[TaskSpec], data: TaskData,
+             batch_size: int = 4096) -> dict[str, dict[str, float]]:
+    """Per-task metrics on one split: AUC, log loss and positive rate for binary
+    heads; RMSE and MAE for regression heads. Unweighted, like the MMoE paper."""
+    predictions = predict(model, data.inputs, batch_size=batch_size)
+    report = {}
+    for t in tasks:
+        y = np.asarray(data.labels[t.name], dtype="float64")
+        p = np.asarray(predictions[t.name], dtype="float64")
+        if t.kind == "binary":
+            q = np.clip(p, 1e-7, 1 - 1e-7)
+            report[t.name] = {"auc": roc_auc(y, p),
+                              "log_loss": float(-np.mean(y * np.log(q) + (1 - y) * np.log(1 - q))),
+                              "positive_rate": float(y.mean()), "examples": int(len(y))}
+        else:
+            report[t.name] = {"rmse": float(np.sqrt(np.mean((p - y) ** 2))),
+                              "mae": float(np.mean(np.abs(p - y))), "examples": int(len(y))}
+    return report
+
+
+def predict(model: keras.Model, inputs: Mapping[str, np.ndarray], batch_size: int = 4096) -> dict[str, np.ndarray]:
+    """Predictions as a dict of numpy arrays, without a progress bar."""
+    out = model.predict(dict(inputs), batch_size=batch_size, verbose=0)
+    return {k: np.asarray(v) for k, v in out.items()}

@@ -1,0 +1,148 @@
+"""Layer math of the expert bank, gates, mixture and embedding."""
+import keras
+import numpy as np
+import pytest
+from keras import ops
+
+from mmoe.layers import MLP, ExpertBank, ExpertMixture, FeatureEmbedding, Gate, TaskHead, importance_cv_squared
+
+
+def _np(x):
+    return keras.ops.convert_to_numpy(x)
+
+
+def test_expert_bank_matches_independent_per_expert_mlps():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(5, 7)).astype("float32")
+    bank = ExpertBank(3, [4, 6], activation="relu")
+    out = _np(bank(x))
+    assert out.shape == (5, 3, 6)
+    k0, k1 = _np(bank.kernels[0]), _np(bank.kernels[1])
+    b0, b1 = _np(bank.biases[0]), _np(bank.biases[1])
+    for e in range(3):
+        h = np.maximum(x @ k0[:, e, :] + b0[e], 0)
+        h = np.maximum(h @ k1[e] + b1[e], 0)
+        np.testing.assert_allclose(out[:, e, :], h, rtol=1e-5, atol=1e-5)
+
+
+def test_expert_bank_initialises_experts_differently_with_per_expert_scale():
+    bank = ExpertBank(8, [32])
+    bank.build((None, 100))
+    w = _np(bank.kernels[0])  # [d, E, u]
+    assert not np.allclose(w[:, 0, :], w[:, 1, :])
+    # Glorot uniform for one expert's [100, 32] kernel: limit sqrt(6 / 132).
+    assert np.abs(w).max() <= np.sqrt(6 / 132) + 1e-6
+    assert np.abs(w).max() > 0.8 * np.sqrt(6 / 132)
+
+
+@pytest.mark.parametrize("temperature", [0.5, 1.0, 3.0])
+def test_softmax_gate_rows_sum_to_one(temperature):
+    x = np.random.default_rng(1).normal(size=(64, 10)).astype("float32")
+    gate = Gate(6, temperature=temperature)
+    g = _np(gate(x))
+    assert g.shape == (64, 6)
+    np.testing.assert_allclose(g.sum(axis=1), 1.0, rtol=1e-5)
+    assert (g > 0).all()
+
+
+def test_lower_temperature_sharpens_routing():
+    x = np.random.default_rng(2).normal(size=(64, 10)).astype("float32")
+    gate = Gate(6, temperature=1.0)
+    gate.build(x.shape)
+    sharp = Gate(6, temperature=0.25)
+    sharp.build(x.shape)
+    sharp.set_weights(gate.get_weights())
+    assert _np(sharp(x)).max(axis=1).mean() > _np(gate(x)).max(axis=1).mean()
+
+
+@pytest.mark.parametrize("k", [1, 2, 3])
+@pytest.mark.parametrize("training", [False, True])
+def test_noisy_top_k_keeps_exactly_k_renormalised(k, training):
+    x = np.random.default_rng(3).normal(size=(128, 10)).astype("float32")
+    gate = Gate(6, gate_type="noisy_top_k", top_k=k, seed=0)
+    g = _np(gate(x, training=training))
+    assert ((g > 0).sum(axis=1) == k).all()
+    np.testing.assert_allclose(g.sum(axis=1), 1.0, rtol=1e-5)
+    if not training:
+        # Without noise the kept experts are the k largest logits.
+        logits = _np(gate.logits(x))
+        top = np.argsort(-logits, axis=1)[:, :k]
+        kept = np.argsort(-g, axis=1)[:, :k]
+        assert (np.sort(top, axis=1) == np.sort(kept, axis=1)).all()
+
+
+def test_noisy_gate_adds_noise_only_in_training():
+    x = np.random.default_rng(4).normal(size=(32, 10)).astype("float32")
+    gate = Gate(6, gate_type="noisy_top_k", top_k=6, seed=1)
+    np.testing.assert_allclose(_np(gate(x)), _np(gate(x)))
+    assert not np.allclose(_np(gate(x, training=True)), _np(gate(x, training=True)))
+
+
+def test_balance_loss_is_minimal_for_uniform_routing():
+    uniform = np.full((16, 4), 0.25, "float32")
+    assert float(_np(importance_cv_squared(uniform))) == pytest.approx(0.0, abs=1e-7)
+    rng = np.random.default_rng(5)
+    for _ in range(20):
+        g = rng.dirichlet(np.ones(4), size=16).astype("float32")
+        assert float(_np(importance_cv_squared(g))) > 0
+    collapsed = np.zeros((16, 4), "float32")
+    collapsed[:, 0] = 1
+    assert float(_np(importance_cv_squared(collapsed))) == pytest.approx(3.0, rel=1e-5)  # var/mean^2 of [16,0,0,0]
+
+
+def test_gate_adds_weighted_balance_loss():
+    x = np.random.default_rng(6).normal(size=(32, 10)).astype("float32")
+    gate = Gate(4, balance_loss_weight=0.5)
+    g = gate(x)
+    assert len(gate.losses) == 1
+    np.testing.assert_allclose(_np(gate.losses[0]), 0.5 * _np(importance_cv_squared(g)), rtol=1e-5)
+    assert Gate(4)(x) is not None and not Gate(4).losses
+
+
+def test_gate_rejects_bad_arguments():
+    with pytest.raises(ValueError, match="top_k"):
+        Gate(4, gate_type="noisy_top_k", top_k=5)
+    with pytest.raises(ValueError, match="temperature"):
+        Gate(4, temperature=0)
+    with pytest.raises(ValueError, match="gate_type"):
+        Gate(4, gate_type="hard")
+
+
+def test_mixture_is_gate_weighted_sum():
+    rng = np.random.default_rng(7)
+    g = rng.dirichlet(np.ones(3), size=4).astype("float32")
+    e = rng.normal(size=(4, 3, 5)).astype("float32")
+    out = _np(ExpertMixture()([g, e]))
+    np.testing.assert_allclose(out, np.einsum("be,beu->bu", g, e), rtol=1e-5)
+
+
+def test_feature_embedding_layout_and_out_of_range_ids():
+    layer = FeatureEmbedding([{"name": "n", "kind": "numeric"},
+                              {"name": "c", "kind": "categorical", "vocab_size": 5, "embedding_dim": 3}])
+    out = _np(layer({"n": np.array([1.5, -2.0], "float32"), "c": np.array([4, 99], "int32")}))
+    assert out.shape == (2, 4)
+    np.testing.assert_allclose(out[:, 0], [1.5, -2.0])
+    table = _np(layer.embeddings["c"].embeddings)
+    np.testing.assert_allclose(out[1, 1:], table[4])  # 99 clipped to the last id
+    with pytest.raises(KeyError, match="c"):
+        layer({"n": np.array([1.0], "float32")})
+
+
+def test_task_head_outputs():
+    x = np.random.default_rng(8).normal(size=(6, 3)).astype("float32")
+    p = _np(TaskHead("binary")(x))
+    assert p.shape == (6,) and ((p > 0) & (p < 1)).all()
+    r = TaskHead("regression")
+    assert _np(r(x * 100)).shape == (6,)
+
+
+@pytest.mark.parametrize("layer", [
+    ExpertBank(3, [4, 2], activation="tanh", dropout=0.1),
+    Gate(5, gate_type="noisy_top_k", temperature=0.7, top_k=2, balance_loss_weight=0.01, seed=3),
+    MLP([8, 4], dropout=0.2),
+    TaskHead("regression"),
+    FeatureEmbedding([{"name": "c", "kind": "categorical", "vocab_size": 9, "embedding_dim": None}]),
+])
+def test_layer_config_round_trip(layer):
+    clone = layer.__class__.from_config(layer.get_config())
+    assert clone.get_config() == layer.get_config()

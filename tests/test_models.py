@@ -1,0 +1,142 @@
+"""Architectures: each learns, saves and loads, mixed precision, loss weights."""
+import os
+
+import keras
+import numpy as np
+import pytest
+
+from mmoe import ARCHITECTURES, GATES_SUFFIX, ModelConfig, TaskSpec, build_model, compile_model, with_gate_outputs
+from mmoe.training import evaluate, fit, predict
+
+SMALL = dict(num_experts=4, task_experts=2, expert_units=(16,), bottom_units=(32,), tower_units=(8,),
+             learning_rate=0.01)
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_each_architecture_learns_both_tasks(arch, toy):
+    features, tasks, train, test = toy
+    config = ModelConfig(arch=arch, **SMALL)
+    model = compile_model(build_model(config, features, tasks), config, tasks)
+    fit(model, tasks, train, epochs=12, batch_size=128, verbose=0)
+    metrics = evaluate(model, tasks, test)
+    # XOR of signs needs the non-linear experts; chance is 0.5.
+    assert metrics["xor"]["auc"] > 0.93, metrics
+    # Predicting the mean would give RMSE ~ std(level) ~ 1.3.
+    assert metrics["level"]["rmse"] < 0.5 * np.std(test.labels["level"]), metrics
+
+
+def test_noisy_top_k_mmoe_with_balance_loss_learns(toy):
+    features, tasks, train, test = toy
+    config = ModelConfig(arch="mmoe", gate="noisy_top_k", top_k=2, balance_loss_weight=0.01, **SMALL)
+    model = compile_model(build_model(config, features, tasks), config, tasks)
+    fit(model, tasks, train, epochs=12, batch_size=128, verbose=0)
+    assert evaluate(model, tasks, test)["xor"]["auc"] > 0.9
+    gates = predict(with_gate_outputs(model), test.inputs)["xor" + GATES_SUFFIX]
+    assert ((gates > 0).sum(axis=1) == 2).all()
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_keras_save_load_round_trip_gives_identical_predictions(arch, toy, tmp_path):
+    features, tasks, train, test = toy
+    config = ModelConfig(arch=arch, gate="noisy_top_k", balance_loss_weight=0.01, **SMALL)
+    model = compile_model(build_model(config, features, tasks), config, tasks)
+    fit(model, tasks, train.take(np.arange(512)), epochs=1, batch_size=128, verbose=0)
+    path = tmp_path / f"{arch}.keras"
+    model.save(path)
+    loaded = keras.saving.load_model(path)  # safe_mode stays on: no lambdas, registered layers only
+    before, after = predict(model, test.inputs), predict(loaded, test.inputs)
+    assert set(before) == set(after) == {t.name for t in tasks}
+    for name in before:
+        np.testing.assert_array_equal(before[name], after[name])
+    # The loaded model keeps training (optimizer state and compile config restored).
+    fit(loaded, tasks, train.take(np.arange(256)), epochs=1, batch_size=128, verbose=0)
+
+
+def test_gate_outputs_share_weights_and_sum_to_one(toy):
+    features, tasks, _, test = toy
+    for arch, n in [("mmoe", 4), ("omoe", 4), ("cgc", 6), ("ple", 6)]:
+        model = build_model(ModelConfig(arch=arch, **SMALL), features, tasks)
+        analysis = with_gate_outputs(model)
+        out = predict(analysis, test.inputs)
+        for t in tasks:
+            assert out[t.name + GATES_SUFFIX].shape == (len(test), n)
+            np.testing.assert_allclose(out[t.name + GATES_SUFFIX].sum(axis=1), 1, rtol=1e-5)
+            np.testing.assert_allclose(out[t.name], predict(model, test.inputs)[t.name], rtol=1e-6)
+        if arch == "omoe":
+            np.testing.assert_array_equal(out["xor" + GATES_SUFFIX], out["level" + GATES_SUFFIX])
+        else:
+            assert not np.allclose(out["xor" + GATES_SUFFIX], out["level" + GATES_SUFFIX])
+    shared_bottom = build_model(ModelConfig(arch="shared_bottom", **SMALL), features, tasks)
+    assert with_gate_outputs(shared_bottom) is shared_bottom
+
+
+def test_mixed_precision_computes_experts_and_towers_in_bfloat16(toy):
+    features, tasks, train, test = toy
+    config = ModelConfig(arch="mmoe", mixed_precision=True, **SMALL)
+    model = compile_model(build_model(config, features, tasks), config, tasks)
+    assert model.get_layer("experts").compute_dtype == "bfloat16"
+    assert model.get_layer("experts").variable_dtype == "float32"
+    assert model.get_layer("tower_xor").compute_dtype == "bfloat16"
+    assert model.get_layer("gate_xor").compute_dtype == "float32"
+    assert model.get_layer("head_xor").compute_dtype == "float32"
+    out = predict(model, test.inputs)
+    assert out["xor"].dtype == np.float32
+    fit(model, tasks, train, epochs=8, batch_size=128, verbose=0)
+    assert evaluate(model, tasks, test)["xor"]["auc"] > 0.9
+
+
+def test_loss_weight_zero_leaves_a_head_untrained(toy):
+    features, tasks, train, test = toy
+    tasks = [TaskSpec("xor", "binary", loss_weight=0.0), TaskSpec("level", "regression")]
+    config = ModelConfig(arch="mmoe", **SMALL)
+    model = compile_model(build_model(config, features, tasks), config, tasks)
+    head_before = [w.copy() for w in model.get_layer("head_xor").get_weights()]
+    fit(model, tasks, train, epochs=2, batch_size=128, verbose=0)
+    for before, after in zip(head_before, model.get_layer("head_xor").get_weights()):
+        np.testing.assert_array_equal(before, after)
+    assert model.get_layer("head_level").get_weights()[0].tolist() != head_before[0].tolist()
+
+
+def test_sample_weights_change_training(toy):
+    features, tasks, train, _ = toy
+    config = ModelConfig(arch="mmoe", **SMALL)
+    results = []
+    for weights in (None, np.where(train.inputs["a"] > 0, 10.0, 0.0).astype("float32")):
+        model = compile_model(build_model(config, features, tasks), config, tasks)
+        data = train.take(np.arange(len(train)))
+        data.weights = weights
+        fit(model, tasks, data, epochs=1, batch_size=128, verbose=0, seed=0)
+        results.append(model.get_layer("head_xor").get_weights()[0])
+    assert not np.allclose(results[0], results[1])
+
+
+def test_tensorflow_backend_trains_with_xla(toy):
+    assert keras.backend.backend() == "tensorflow"
+    features, tasks, train, _ = toy
+    config = ModelConfig(arch="mmoe", **SMALL)
+    model = compile_model(build_model(config, features, tasks), config, tasks)
+    assert model.jit_compile is True
+
+
+def test_config_validation_and_round_trip():
+    config = ModelConfig(arch="ple", expert_units=[32, 16], ple_levels=3)
+    assert config.expert_units == (32, 16)
+    assert ModelConfig.from_dict(config.to_dict()) == config
+    with pytest.raises(ValueError, match="arch"):
+        ModelConfig(arch="moe")
+    with pytest.raises(ValueError, match="unknown model config key"):
+        ModelConfig.from_dict({"experts": 3})
+    with pytest.raises(ValueError, match="gate_temperature"):
+        ModelConfig(gate_temperature=-1)
+    with pytest.raises(ValueError, match="kind"):
+        TaskSpec("x", "multiclass")
+
+
+def test_builder_rejects_bad_tasks(toy):
+    features, _, _, _ = toy
+    with pytest.raises(ValueError, match="unique"):
+        build_model(ModelConfig(), features, [TaskSpec("t"), TaskSpec("t")])
+    with pytest.raises(ValueError, match="clash"):
+        build_model(ModelConfig(), features, [TaskSpec("a")])
+    with pytest.raises(ValueError, match="at least one task"):
+        build_model(ModelConfig(), features, [])

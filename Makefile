@@ -28,7 +28,7 @@ lock:
 	uv pip compile setup.py --extra test --python-version 3.10 --python-platform x86_64-unknown-linux-gnu -o requirements.lock
 
 run: $(STAMP)
-	$(VENV)/bin/mmoe train --data features/data/census_sample.csv.gz --task-group 1 --arch mmoe --out runs/census-sample --epochs 8
+	$(VENV)/bin/mmoe train --data features/data/census-income.sample.gz --task-group 1 --arch mmoe --out runs/census-sample --overwrite
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests

@@ -24,8 +24,7 @@ import csv
 import gzip
 import io
 import os
-import re
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import List, Sequence, Tuple, Union
 
 import numpy as np
 import pandas as pd

@@ -28,7 +28,7 @@ import dataclasses
 import json
 import math
 import os
-from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple, Union
 
 # Key of the per-example weight in transformed data.  Double underscores keep
 # it from clashing with any real column name.

@@ -1,0 +1,190 @@
+"""The `mmoe` command line.
+
+    mmoe train   --data PATH [PATH] --task-group 1 --arch mmoe --out DIR [model flags]
+    mmoe data    download | export ...
+
+Heavy imports (TensorFlow, Beam) happen inside the commands so `--help` is fast.
+Bad input ends with `error: ...` on stderr and exit status 2, never a traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.replace(" ", "").split(",") if v]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers like 64,32, got {text!r}") from None
+    if not values or any(v < 1 for v in values):
+        raise argparse.ArgumentTypeError(f"expected positive widths like 64,32, got {text!r}")
+    return values
+
+
+def _loss_weights(text: str) -> dict[str, float]:
+    weights = {}
+    for part in text.split(","):
+        name, sep, value = part.partition("=")
+        try:
+            if not sep:
+                raise ValueError
+            weights[name.strip()] = float(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected task=weight pairs like income=1,marital=0.5, got {text!r}")
+    return weights
+
+
+MODEL_FLAGS = {
+    # flag: (ModelConfig field, type, help)
+    "--num-experts": ("num_experts", int, "shared experts (MMoE/OMoE; shared experts per level for CGC/PLE)"),
+    "--task-experts": ("task_experts", int, "task-specific experts per task (CGC/PLE)"),
+    "--ple-levels": ("ple_levels", int, "extraction levels (PLE)"),
+    "--expert-units": ("expert_units", _int_list, "expert MLP widths, e.g. 64 or 128,64"),
+    "--expert-dropout": ("expert_dropout", float, "dropout inside experts (and bottoms)"),
+    "--bottom-units": ("bottom_units", _int_list, "bottom MLP widths (Shared-Bottom, Single-Task)"),
+    "--tower-units": ("tower_units", _int_list, "tower MLP widths per task"),
+    "--tower-dropout": ("tower_dropout", float, "dropout inside towers"),
+    "--gate": ("gate", str, "softmax or noisy_top_k"),
+    "--gate-temperature": ("gate_temperature", float, "softmax temperature of the gates"),
+    "--top-k": ("top_k", int, "experts kept per example by noisy_top_k gates"),
+    "--balance-loss-weight": ("balance_loss_weight", float, "weight of the load-balancing loss"),
+    "--embedding-dim": ("embedding_dim", int, "cap on categorical embedding widths"),
+    "--learning-rate": ("learning_rate", float, "Adam learning rate"),
+}
+
+
+def add_model_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("model")
+    group.add_argument("--arch", default=None,
+                       choices=["mmoe", "omoe", "shared_bottom", "single_task", "cgc", "ple"])
+    group.add_argument("--model-config", metavar="FILE",
+                       help="ModelConfig as JSON or YAML; flags given on the command line override it")
+    for flag, (_, kind, help_text) in MODEL_FLAGS.items():
+        group.add_argument(flag, type=kind, default=None, help=help_text)
+    group.add_argument("--mixed-precision", action="store_true", default=None,
+                       help="bfloat16 compute in experts and towers (gates and outputs stay float32)")
+
+
+def model_config_from_args(args):
+    from mmoe import ModelConfig
+
+    data = {}
+    if args.model_config:
+        data = _load_mapping(args.model_config)
+    data["arch"] = args.arch or data.get("arch", "mmoe")
+    for flag, (field, _, _) in MODEL_FLAGS.items():
+        value = getattr(args, flag[2:].replace("-", "_"))
+        if value is not None:
+            data[field] = value
+    if args.mixed_precision:
+        data["mixed_precision"] = True
+    return ModelConfig.from_dict(data)
+
+
+def _load_mapping(path: str) -> dict:
+    text = Path(path).read_text()
+    if path.endswith((".yaml", ".yml")):
+        import yaml
+        data = yaml.safe_load(text)
+    else:
+        data = json.loads(text)
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a mapping at the top level")
+    return data
+
+
+def _dataset_spec(args):
+    from features.census import census_spec
+    from features.spec import load_dataset_spec
+
+    if args.config:
+        return load_dataset_spec(args.config)
+    return census_spec(args.task_group)
+
+
+def cmd_train(args) -> int:
+    from pipelines.train_local import TrainSettings, parse_split, train_run
+
+    settings = TrainSettings(epochs=args.epochs, batch_size=args.batch_size, patience=args.patience, seed=args.seed,
+                             split=parse_split(args.split), use_weights=args.use_weights,
+                             main_task=args.main_task, loss_weights=args.loss_weights,
+                             jit_compile=not args.no_xla)
+    spec = _dataset_spec(args)
+    config = model_config_from_args(args)
+    for path in args.data:
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"--data {path}: no such file")
+    train_run(spec, args.data, args.out, config, settings, overwrite=args.overwrite)
+    return 0
+
+
+def cmd_data_download(args) -> int:
+    from features.census import download_census
+
+    paths = download_census(args.cache_dir, base_url=args.base_url)
+    for p in (paths.values() if isinstance(paths, dict) else paths):
+        print(p)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mmoe", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    train = sub.add_parser("train", help="preprocess, train and evaluate a multi-task model",
+                           description="Preprocess with the tf.Transform preprocessing_fn (in-process), train with "
+                                       "early stopping on the main task's validation metric, evaluate, and write "
+                                       "the model, the transform output and metrics.json into --out.")
+    train.add_argument("--data", nargs="+", required=True, metavar="PATH",
+                       help="one file (split by --split) or the UCI train file and test file (the paper's protocol)")
+    source = train.add_mutually_exclusive_group()
+    source.add_argument("--task-group", type=int, choices=[1, 2], default=1,
+                        help="census task group: 1 = income + marital, 2 = education + marital")
+    source.add_argument("--config", metavar="FILE", help="dataset spec (YAML/JSON) for a CSV that is not census")
+    train.add_argument("--out", required=True, metavar="DIR")
+    train.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
+    train.add_argument("--split", default="60/20/20", help="train/valid/test percentages for a single file")
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--epochs", type=int, default=20)
+    train.add_argument("--batch-size", type=int, default=512)
+    train.add_argument("--patience", type=int, default=4, help="early-stopping patience in epochs")
+    train.add_argument("--main-task", help="task whose validation metric drives early stopping (default: first)")
+    train.add_argument("--loss-weights", type=_loss_weights, help="per-task loss weights, e.g. income=1,marital=0.5")
+    train.add_argument("--use-weights", action="store_true",
+                       help="use the spec's weight column (census: instance_weight) as sample weights")
+    train.add_argument("--no-xla", action="store_true", help="train without jit_compile (TensorFlow backend)")
+    add_model_flags(train)
+    train.set_defaults(func=cmd_train)
+
+    data = sub.add_parser("data", help="data sets").add_subparsers(dest="data_command", required=True)
+    download = data.add_parser("download", help="fetch the UCI census-income files and check their sha256")
+    download.add_argument("--cache-dir", default=os.path.expanduser("~/.cache/mmoe/census-income"))
+    download.add_argument("--base-url", default=None, help="mirror of UCI's census-income-mld folder (file:// works)")
+    download.set_defaults(func=cmd_data_download)
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "base_url", "") is None:
+        from features.census import UCI_BASE_URL
+        args.base_url = UCI_BASE_URL
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except (ValueError, KeyError, FileNotFoundError, FileExistsError, OSError) as err:
+        # DataError (a ValueError) and config errors name the file, column or row themselves.
+        message = err.args[0] if isinstance(err, KeyError) and err.args else err
+        print(f"error: {message}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

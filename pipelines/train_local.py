@@ -1,0 +1,199 @@
+"""`mmoe train`: preprocess with tf.Transform in-process, train, evaluate, write a run directory.
+
+The run directory holds everything needed to reuse or serve the model:
+
+    DIR/model.keras          the trained Keras 3 model
+    DIR/transform/           the tf.Transform output (transform_fn, metadata)
+    DIR/metrics.json         per task: validation and test metrics, the split protocol
+    DIR/run_config.json      dataset spec, model config, tasks and training settings
+    DIR/history.json, DIR/training_curves.png   per-epoch losses and metrics
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+
+
+@dataclasses.dataclass
+class TrainSettings:
+    """How to split, weigh and train (model architecture lives in ModelConfig)."""
+
+    epochs: int = 20
+    batch_size: int = 512
+    patience: int = 4
+    seed: int = 0
+    split: tuple[float, float, float] = (0.6, 0.2, 0.2)
+    use_weights: bool = False
+    main_task: Optional[str] = None
+    loss_weights: Optional[dict] = None
+    jit_compile: bool = True
+
+    def __post_init__(self):
+        if self.epochs < 1:
+            raise ValueError(f"epochs must be >= 1, got {self.epochs}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch size must be >= 1, got {self.batch_size}")
+        if self.patience < 0:
+            raise ValueError(f"patience must be >= 0, got {self.patience}")
+
+
+def parse_split(text: str) -> tuple[float, float, float]:
+    """'60/20/20' -> (0.6, 0.2, 0.2); the parts must be positive and sum to 100."""
+    parts = text.replace(",", "/").split("/")
+    try:
+        values = [float(p) for p in parts]
+    except ValueError:
+        raise ValueError(f"--split must look like 60/20/20, got {text!r}") from None
+    if len(values) != 3 or any(v <= 0 for v in values) or abs(sum(values) - 100) > 1e-6:
+        raise ValueError(f"--split needs three positive percentages summing to 100, got {text!r}")
+    return tuple(v / 100 for v in values)
+
+
+def load_splits(data: Sequence[str], spec, split, seed: int, log=print):
+    """Reads the data and splits it; returns (train, valid, test, protocol)."""
+    from features.io import paper_split, read_dataset, split_frame
+
+    paths = [str(p) for p in data]
+    if len(paths) == 1:
+        frame = read_dataset(paths[0], spec)
+        log(f"read {len(frame):,} rows from {paths[0]}")
+        train, valid, test = split_frame(frame, split, seed=seed)
+        protocol = {"name": "single-file split", "split": "/".join(f"{100 * s:g}" for s in split), "seed": seed,
+                    "files": paths}
+    elif len(paths) == 2:
+        train_frame, test_frame = read_dataset(paths[0], spec), read_dataset(paths[1], spec)
+        log(f"read {len(train_frame):,} training rows from {paths[0]} and {len(test_frame):,} rows from {paths[1]}")
+        train, valid, test = paper_split(train_frame, test_frame, seed=seed)
+        protocol = {"name": "paper (train file; test file split 1:1 into validation and test)", "seed": seed,
+                    "files": paths}
+    else:
+        raise ValueError(f"--data takes one file (then split) or a train file and a test file, got {len(paths)}")
+    protocol.update(rows={"train": len(train), "valid": len(valid), "test": len(test)})
+    return train, valid, test, protocol
+
+
+def task_data(arrays: dict, spec, input_names: Sequence[str], use_weights: bool):
+    from features.spec import WEIGHT_KEY
+    from mmoe.training import TaskData
+
+    return TaskData(inputs={n: arrays[n] for n in input_names},
+                    labels={t.name: arrays[spec.label_key(t.name)].astype("float32") for t in spec.tasks},
+                    weights=arrays[WEIGHT_KEY].astype("float32") if use_weights else None)
+
+
+def model_tasks(spec, loss_weights: Optional[dict]):
+    from mmoe import TaskSpec
+
+    loss_weights = dict(loss_weights or {})
+    unknown = sorted(set(loss_weights) - set(spec.task_names))
+    if unknown:
+        raise ValueError(f"loss weight given for unknown task(s) {unknown}; tasks are {spec.task_names}")
+    return [TaskSpec(t.name, t.kind, float(loss_weights.get(t.name, 1.0))) for t in spec.tasks]
+
+
+def train_run(spec, data: Sequence[str], out_dir: str, model_config, settings: TrainSettings,
+              overwrite: bool = False, log=print) -> dict:
+    """The whole `mmoe train` job; returns the metrics written to metrics.json."""
+    import keras
+
+    from features.transform import transform_in_process, transformed_feature_info
+    from mmoe import InputFeature, build_model, compile_model
+    from mmoe.training import evaluate, fit
+
+    out = Path(out_dir)
+    if (out / "metrics.json").exists() and not overwrite:
+        raise FileExistsError(f"{out} already holds a run (metrics.json); pass --overwrite or choose another --out")
+    tasks = model_tasks(spec, settings.loss_weights)  # bad task names fail before any slow work
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.time()
+
+    train_df, valid_df, test_df, protocol = load_splits(data, spec, settings.split, settings.seed, log=log)
+    tft_output, arrays = transform_in_process(spec, train_df, {"valid": valid_df, "test": test_df},
+                                              str(out / "transform"), progress=log)
+    features = [InputFeature(i["name"], i["kind"], i["vocab_size"]) for i in transformed_feature_info(spec, tft_output)]
+    names = [f.name for f in features]
+    splits = {k: task_data(arrays[k], spec, names, settings.use_weights) for k in ("train", "valid", "test")}
+
+    keras.utils.set_random_seed(settings.seed)
+    model = compile_model(build_model(model_config, features, tasks), model_config, tasks,
+                          jit_compile=settings.jit_compile)
+    log(f"training {model_config.arch} ({model.count_params():,} parameters) on {len(splits['train']):,} rows, "
+        f"backend {keras.backend.backend()}")
+    fit_started = time.time()
+    history = fit(model, tasks, splits["train"], splits["valid"], epochs=settings.epochs,
+                  batch_size=settings.batch_size, patience=settings.patience, main_task=settings.main_task,
+                  verbose=1 if sys.stdout.isatty() else 2, seed=settings.seed)
+    train_seconds = time.time() - fit_started
+
+    metrics = {
+        "protocol": protocol,
+        "arch": model_config.arch,
+        "backend": keras.backend.backend(),
+        "epochs_trained": len(history.history.get("loss", [])),
+        "train_seconds": round(train_seconds, 1),
+        "total_seconds": None,
+        "tasks": {},
+    }
+    valid_metrics = evaluate(model, tasks, splits["valid"])
+    test_metrics = evaluate(model, tasks, splits["test"])
+    for t in tasks:
+        metrics["tasks"][t.name] = {"kind": t.kind, "valid": valid_metrics[t.name], "test": test_metrics[t.name]}
+
+    model.save(out / "model.keras")
+    (out / "history.json").write_text(json.dumps(
+        {k: [float(v) for v in vals] for k, vals in history.history.items()}, indent=1))
+    plot_history(history.history, tasks, out / "training_curves.png")
+    from features.spec import dataset_spec_to_dict
+    (out / "run_config.json").write_text(json.dumps({
+        "dataset": dataset_spec_to_dict(spec), "model": model_config.to_dict(),
+        "tasks": [t.to_dict() for t in tasks], "inputs": [f.to_dict() for f in features],
+        "train": {**dataclasses.asdict(settings), "split": list(settings.split)}}, indent=1))
+    metrics["total_seconds"] = round(time.time() - started, 1)
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
+    log(format_metrics(metrics))
+    log(f"wrote {out}/model.keras, {out}/transform, {out}/metrics.json")
+    return metrics
+
+
+def format_metrics(metrics: dict) -> str:
+    """A small per-task table for the terminal."""
+    lines = [f"{'task':<14}{'metric':<8}{'valid':>9}{'test':>9}"]
+    for name, m in metrics["tasks"].items():
+        key = "auc" if m["kind"] == "binary" else "rmse"
+        lines.append(f"{name:<14}{key:<8}{m['valid'][key]:>9.4f}{m['test'][key]:>9.4f}")
+    p = metrics["protocol"]
+    lines.append(f"protocol: {p['name']}" + (f" {p['split']}" if "split" in p else "") +
+                 f", seed {p['seed']}; rows train/valid/test {p['rows']['train']:,}/{p['rows']['valid']:,}/"
+                 f"{p['rows']['test']:,}; {metrics['epochs_trained']} epochs in {metrics['train_seconds']} s")
+    return "\n".join(lines)
+
+
+def plot_history(history: dict, tasks, path) -> None:
+    """Training/validation loss and main metric per task, one panel each."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(tasks) + 1, figsize=(4.2 * (len(tasks) + 1), 3.4), squeeze=False)
+    panels = [("loss", "total loss")] + [
+        (f"{t.name}_auc" if t.kind == "binary" else f"{t.name}_rmse", f"{t.name} " +
+         ("AUC" if t.kind == "binary" else "RMSE")) for t in tasks]
+    for ax, (key, title) in zip(axes[0], panels):
+        for prefix, style in (("", "-"), ("val_", "--")):
+            values = history.get(prefix + key)
+            if values:
+                ax.plot(np.arange(1, len(values) + 1), values, style, label="validation" if prefix else "train")
+        ax.set_title(title)
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,146 @@
+"""`mmoe train` end to end on small data, and its errors on bad input."""
+import gzip
+import json
+from pathlib import Path
+
+import keras
+import numpy as np
+import pytest
+
+from features.census import CENSUS_SAMPLE_PATH
+from pipelines.cli import main
+
+
+@pytest.fixture(scope="module")
+def census_lines():
+    with gzip.open(CENSUS_SAMPLE_PATH, "rt") as f:
+        return f.read().splitlines()
+
+
+@pytest.fixture(scope="module")
+def small_census(tmp_path_factory, census_lines):
+    path = tmp_path_factory.mktemp("data") / "census-small.data"  # plain text, not gzip
+    path.write_text("\n".join(census_lines[:2500]) + "\n")
+    return path
+
+
+@pytest.mark.slow
+def test_train_writes_model_transform_and_metrics(small_census, tmp_path, capsys):
+    out = tmp_path / "run"
+    rc = main(["train", "--data", str(small_census), "--task-group", "1", "--arch", "mmoe", "--out", str(out),
+               "--epochs", "3", "--num-experts", "4", "--expert-units", "16", "--batch-size", "256", "--seed", "3",
+               "--learning-rate", "0.01"])
+    assert rc == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert set(metrics["tasks"]) == {"income", "marital"}
+    assert metrics["protocol"]["split"] == "60/20/20" and metrics["protocol"]["seed"] == 3
+    assert metrics["protocol"]["rows"] == {"train": 1500, "valid": 500, "test": 500}
+    for task in metrics["tasks"].values():
+        for split in ("valid", "test"):
+            assert 0.5 < task[split]["auc"] <= 1.0
+    # Marital status is easy from age and household columns, after 3 epochs at a high learning rate.
+    assert metrics["tasks"]["marital"]["test"]["auc"] > 0.9
+    assert (out / "transform" / "transform_fn").is_dir()
+    assert (out / "training_curves.png").stat().st_size > 1000
+    run_config = json.loads((out / "run_config.json").read_text())
+    assert run_config["model"]["num_experts"] == 4 and run_config["model"]["expert_units"] == [16]
+    # Label-source columns never reach the model.
+    input_names = {i["name"] for i in run_config["inputs"]}
+    assert not input_names & {"education", "marital_stat", "income_50k", "instance_weight"}
+    model = keras.saving.load_model(out / "model.keras")
+    assert set(model.output) == {"income", "marital"}
+    assert "income" in capsys.readouterr().out
+    # A second run into the same directory is refused rather than overwritten.
+    rc = main(["train", "--data", str(small_census), "--out", str(out), "--epochs", "1"])
+    assert rc == 2
+    assert "--overwrite" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_train_on_a_dataset_that_is_not_census(tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    n = 1200
+    country = rng.choice(["fr", "de", "us", "jp"], size=n)
+    age = rng.integers(18, 80, size=n)
+    clicks = rng.poisson(3, size=n)
+    clicked = np.where((age < 40) ^ (country == "jp"), "yes", "no")
+    watch = 0.5 * clicks + (country == "us") + rng.normal(0, 0.1, size=n)
+    rows = ["user_id,country,age,clicks,clicked,watch_time"] + [
+        f"u{i % 300},{country[i]},{age[i]},{clicks[i]},{clicked[i]},{watch[i]:.3f}" for i in range(n)]
+    (tmp_path / "events.csv").write_text("\n".join(rows) + "\n")
+    (tmp_path / "events.yaml").write_text("""
+name: events
+header: true
+columns: [user_id, country, age, clicks, clicked, watch_time]
+features:
+  - {name: user_id, type: hashed, hash_buckets: 64}
+  - {name: country, type: categorical}
+  - {name: age, type: numeric}
+  - {name: clicks, type: numeric, log: true}
+tasks:
+  - {name: clicked, kind: binary, column: clicked, positive: ["yes"], values: ["yes", "no"]}
+  - {name: watch_time, kind: regression, column: watch_time}
+""")
+    out = tmp_path / "run"
+    rc = main(["train", "--data", str(tmp_path / "events.csv"), "--config", str(tmp_path / "events.yaml"),
+               "--out", str(out), "--epochs", "15", "--arch", "cgc", "--learning-rate", "0.01",
+               "--batch-size", "64", "--expert-units", "16", "--split", "70/15/15"])
+    assert rc == 0, capsys.readouterr().err
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["tasks"]["clicked"]["test"]["auc"] > 0.9
+    assert metrics["tasks"]["watch_time"]["test"]["rmse"] < 0.5 * np.std(watch)
+
+
+def _run_error(args, capsys):
+    rc = main(args)
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert err.startswith("error:") and "Traceback" not in err
+    return err
+
+
+def test_missing_data_file_is_a_clear_error(tmp_path, capsys):
+    err = _run_error(["train", "--data", str(tmp_path / "nope.csv"), "--out", str(tmp_path / "o")], capsys)
+    assert "nope.csv" in err
+
+
+def test_empty_file_is_a_clear_error(tmp_path, capsys):
+    (tmp_path / "empty.data").write_text("")
+    err = _run_error(["train", "--data", str(tmp_path / "empty.data"), "--out", str(tmp_path / "o")], capsys)
+    assert "empty" in err.lower()
+
+
+def test_row_with_missing_columns_names_the_line(tmp_path, census_lines, capsys):
+    lines = census_lines[:50]
+    lines[17] = ",".join(lines[17].split(",")[:30])
+    (tmp_path / "short.data").write_text("\n".join(lines) + "\n")
+    err = _run_error(["train", "--data", str(tmp_path / "short.data"), "--out", str(tmp_path / "o")], capsys)
+    assert "18" in err
+
+
+def test_non_numeric_value_names_column_and_row(tmp_path, census_lines, capsys):
+    lines = census_lines[:50]
+    fields = lines[9].split(",")
+    fields[0] = " forty"  # age
+    lines[9] = ",".join(fields)
+    (tmp_path / "bad.data").write_text("\n".join(lines) + "\n")
+    err = _run_error(["train", "--data", str(tmp_path / "bad.data"), "--out", str(tmp_path / "o")], capsys)
+    assert "age" in err and "10" in err and "forty" in err
+
+
+def test_unexpected_label_value_names_column(tmp_path, census_lines, capsys):
+    lines = census_lines[:50]
+    lines[4] = lines[4].rsplit(",", 1)[0] + ", maybe."
+    (tmp_path / "label.data").write_text("\n".join(lines) + "\n")
+    err = _run_error(["train", "--data", str(tmp_path / "label.data"), "--out", str(tmp_path / "o")], capsys)
+    assert "income_50k" in err and "maybe" in err
+
+
+@pytest.mark.parametrize("flags, expected", [
+    (["--split", "50/50"], "--split"),
+    (["--loss-weights", "salary=2"], "salary"),
+    (["--gate-temperature", "0"], "gate_temperature"),
+])
+def test_bad_settings_are_clear_errors(small_census, tmp_path, capsys, flags, expected):
+    err = _run_error(["train", "--data", str(small_census), "--out", str(tmp_path / "o")] + flags, capsys)
+    assert expected in err

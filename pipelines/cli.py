@@ -9,10 +9,16 @@ Bad input ends with `error: ...` on stderr and exit status 2, never a traceback.
 from __future__ import annotations
 
 import argparse
+import importlib
+import importlib.util
 import json
 import os
 import sys
 from pathlib import Path
+
+
+# Modules adding subcommands (`mmoe pipeline ...`, `mmoe serve`, `mmoe predict`, `mmoe ab-eval`).
+COMMAND_MODULES = ("pipelines.pipeline_cli", "serving.cli", "serving.ab_cli")
 
 
 def _int_list(text: str) -> list[int]:
@@ -165,6 +171,12 @@ def build_parser() -> argparse.ArgumentParser:
     download.add_argument("--cache-dir", default=os.path.expanduser("~/.cache/mmoe/census-income"))
     download.add_argument("--base-url", default=None, help="mirror of UCI's census-income-mld folder (file:// works)")
     download.set_defaults(func=cmd_data_download)
+
+    # Commands that live beside the code they drive register themselves:
+    # each module has `add_commands(subparsers)` and sets `func` on its parsers.
+    for module_name in COMMAND_MODULES:
+        if importlib.util.find_spec(module_name) is not None:
+            importlib.import_module(module_name).add_commands(sub)
     return parser
 
 

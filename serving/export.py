@@ -1,0 +1,218 @@
+"""Export a trained model as a TF Serving SavedModel.
+
+`export_serving_model(model, transform_output_dir, spec, export_dir)` writes
+one SavedModel that holds the whole inference path: tf.Example parsing, the
+tf.Transform graph (the same `preprocessing_fn` that produced the training
+data, so training and serving cannot drift apart) and the Keras 3 model.
+
+Signatures:
+
+* `serving_default`: `examples` (tf.string `[None]`, serialized tf.Example
+  with the raw serving features) -> one float32 `[batch]` output per task,
+  named by the task, plus `<task>_gates` `[batch, E]` (gate weights) when
+  asked for and the architecture has gates.
+* `predict_raw`: one `[None]` tensor per raw serving feature (float32 or
+  string, as in `features.transform.serving_feature_spec`) -> the same
+  outputs, for clients that do not build tf.Example protos.
+* `transform_features`: `examples` (serialized tf.Example that include the
+  label columns) -> every transformed feature, the labels
+  (`spec.label_key(task)`) and the weight.  TFMA's Evaluator reads numeric
+  labels from raw examples through it (`preprocessing_function_names`).
+
+The expert dispatch (the Keras model call: embeddings, experts, gates,
+mixtures, towers) runs inside a `tf.function(jit_compile=True)` when
+`xla=True`, so the SavedModel holds an XLA-compiled function (its FunctionDef
+carries `_XlaMustCompile`).  TF Serving's GPU builds cannot run such
+functions (tensorflow/serving#2214), hence `xla=False`, which writes the
+same computation without the XLA attribute.
+
+XLA compiles one executable per input shape.  A serving batch can have any
+size, so the XLA path pads every batch up to the next power of two (repeating
+the last row) and slices the outputs back: at most ~log2(max batch) compiles
+instead of one per distinct batch size.  Rows are independent at inference
+(no batch statistics, dropout off), so padding does not change any output.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from typing import Dict
+
+import keras
+import tensorflow as tf
+
+from mmoe.models import GATES_SUFFIX, with_gate_outputs
+
+# Signature names (TF Serving's default key, then ours).
+SERVING_DEFAULT = "serving_default"
+PREDICT_RAW = "predict_raw"
+TRANSFORM_FEATURES = "transform_features"
+EXAMPLES_INPUT = "examples"
+
+# Written next to saved_model.pb so tools can tell how the export was made
+# without loading it (assets.extra is TF Serving's place for such files).
+EXPORT_INFO_FILE = "mmoe_export.json"
+
+
+_BUCKETS = [2 ** i for i in range(31)]
+
+
+def _next_power_of_two(n: tf.Tensor) -> tf.Tensor:
+    """Smallest power of two >= n (1 for n = 0), as int32."""
+    index = tf.searchsorted(tf.constant(_BUCKETS, tf.int32), tf.reshape(tf.cast(n, tf.int32), [1]), side="left")
+    return tf.gather(tf.constant(_BUCKETS, tf.int32), index[0])
+
+
+class ServingModule(tf.Module):
+    """Holds the Keras model and the tf.Transform layer; its tf.functions are the signatures.
+
+    Built by `export_serving_model`; kept public so tests and the benchmark can
+    call the same functions in process without a save/load round trip.
+    """
+
+    def __init__(self, model: keras.Model, tft_output, spec, *, xla: bool, with_gates: bool):
+        super().__init__(name="mmoe_serving")
+        from features.transform import raw_feature_spec, serving_feature_spec
+
+        self.model = with_gate_outputs(model) if with_gates else model
+        # Tracked attribute: tf.saved_model.save follows it and saves the
+        # transform graph and its assets inside this SavedModel.
+        self.tft_layer = tft_output.transform_features_layer()
+        self._xla = bool(xla)
+        self._serving_spec = serving_feature_spec(spec)
+        self._raw_spec = raw_feature_spec(spec)
+        self._model_inputs = {name: tensor.dtype for name, tensor in self.model.input.items()}
+        self._output_names = list(self.model.output.keys())
+        self._task_names = [t.name for t in spec.tasks]
+        # Compiled by XLA (jit_compile=True) or a plain graph function: the only difference between the two exports.
+        self.dispatch = tf.function(self._dispatch, jit_compile=self._xla, autograph=False)
+
+        example_spec = tf.TensorSpec([None], tf.string, name=EXAMPLES_INPUT)
+        raw_specs = {name: tf.TensorSpec([None], f.dtype, name=name) for name, f in self._serving_spec.items()}
+        self.serve_examples = tf.function(self._serve_examples, input_signature=[example_spec], autograph=False)
+        self.serve_raw = tf.function(self._serve_raw, input_signature=[raw_specs], autograph=False)
+        self.transform_examples = tf.function(self._transform_examples, input_signature=[example_spec],
+                                              autograph=False)
+
+    # -- the graph pieces ------------------------------------------------------------------
+
+    def _dispatch(self, inputs: Dict[str, tf.Tensor]) -> Dict[str, tf.Tensor]:
+        outputs = self.model(inputs, training=False)
+        return {k: tf.cast(v, tf.float32) for k, v in outputs.items()}
+
+    def _model_outputs(self, raw: Dict[str, tf.Tensor]) -> Dict[str, tf.Tensor]:
+        transformed = self.tft_layer(raw)
+        inputs = {name: tf.cast(transformed[name], dtype) for name, dtype in self._model_inputs.items()}
+        if not self._xla:
+            return self.dispatch(inputs)
+        batch = tf.shape(next(iter(inputs.values())))[0]
+        padded_size = _next_power_of_two(batch)
+        last = tf.maximum(batch - 1, 0)
+        # Repeat the last row (always a valid input) up to the bucket size.
+        index = tf.minimum(tf.range(padded_size), last)
+        padded = {k: tf.gather(v, index) for k, v in inputs.items()}
+        outputs = self.dispatch(padded)
+        return {k: v[:batch] for k, v in outputs.items()}
+
+    def _serve_examples(self, examples):
+        raw = tf.io.parse_example(examples, self._serving_spec)
+        return self._model_outputs(raw)
+
+    def _serve_raw(self, features):
+        return self._model_outputs(dict(features))
+
+    def _transform_examples(self, examples):
+        raw = tf.io.parse_example(examples, self._raw_spec)
+        return dict(self.tft_layer(raw))
+
+    def signatures(self) -> dict:
+        return {SERVING_DEFAULT: self.serve_examples.get_concrete_function(),
+                PREDICT_RAW: self.serve_raw.get_concrete_function(),
+                TRANSFORM_FEATURES: self.transform_examples.get_concrete_function()}
+
+
+def _check_arguments(model, transform_output_dir, spec, export_dir):
+    from features.spec import DatasetSpec
+
+    if not isinstance(model, keras.Model):
+        raise TypeError(f"model must be a keras.Model (Keras 3), got {type(model).__name__}")
+    if not isinstance(model.input, dict) or not isinstance(model.output, dict):
+        raise ValueError("model must have dict inputs and dict outputs (build it with mmoe.build_model)")
+    if not isinstance(spec, DatasetSpec):
+        raise TypeError(f"spec must be a features.spec.DatasetSpec, got {type(spec).__name__}")
+    if not isinstance(export_dir, (str, os.PathLike)) or not os.fspath(export_dir):
+        raise ValueError(f"export_dir must be a non-empty path, got {export_dir!r}")
+    export_dir = os.fspath(export_dir)
+    if os.path.exists(os.path.join(export_dir, "saved_model.pb")):
+        raise FileExistsError(f"{export_dir} already holds a SavedModel; pick a new version directory")
+    if os.path.isfile(export_dir):
+        raise FileExistsError(f"export_dir {export_dir} is a file")
+    if not os.path.isdir(os.fspath(transform_output_dir)):
+        raise FileNotFoundError(f"transform output {transform_output_dir}: no such directory")
+    if not os.path.isdir(os.path.join(os.fspath(transform_output_dir), "transform_fn")):
+        raise FileNotFoundError(f"{transform_output_dir} is not a tf.Transform output (no transform_fn/ inside)")
+
+    missing = sorted(set(spec.feature_names) - set(model.input))
+    extra = sorted(set(model.input) - set(spec.feature_names))
+    if missing or extra:
+        raise ValueError(f"model inputs do not match the dataset spec's features: model lacks {missing}, "
+                         f"model has inputs the spec does not produce {extra}")
+    tasks = set(spec.task_names)
+    heads = {k for k in model.output if not k.endswith(GATES_SUFFIX)}
+    if heads != tasks:
+        raise ValueError(f"model heads {sorted(heads)} do not match the spec's tasks {sorted(tasks)}")
+    return export_dir
+
+
+def export_serving_model(model: keras.Model, transform_output_dir: str, spec, export_dir: str, *,
+                         xla: bool = True, with_gates: bool = True) -> str:
+    """Writes a SavedModel at export_dir (the caller picks <base>/<name>/<version>) and returns export_dir.
+
+    Args:
+        model: the trained Keras 3 model (dict inputs named after the spec's
+            features, one `[batch]` output per task), e.g. from mmoe.build_model.
+        transform_output_dir: a tft.TFTransformOutput directory (transform_fn/,
+            transformed_metadata/) fitted for `spec`.
+        spec: the features.spec.DatasetSpec the model and transform were built from.
+        export_dir: where to write; must not hold a SavedModel already.  The
+            SavedModel is written next to it and renamed into place, so a
+            server polling the parent directory never sees half a version.
+        xla: run the expert dispatch in a jit_compile=True function (False
+            for TF Serving GPU builds, tensorflow/serving#2214).
+        with_gates: add `<task>_gates` outputs when the model has gates.
+
+    Returns:
+        export_dir.
+    """
+    import json
+
+    import tensorflow_transform as tft
+
+    if not isinstance(xla, bool) or not isinstance(with_gates, bool):
+        raise TypeError(f"xla and with_gates must be booleans, got xla={xla!r}, with_gates={with_gates!r}")
+    export_dir = _check_arguments(model, transform_output_dir, spec, export_dir)
+    tft_output = tft.TFTransformOutput(os.fspath(transform_output_dir))
+    module = ServingModule(model, tft_output, spec, xla=xla, with_gates=with_gates)
+
+    parent = os.path.dirname(os.path.abspath(export_dir))
+    os.makedirs(parent, exist_ok=True)
+    # Dot-prefixed and non-numeric: TF Serving's and our poller ignore it while it is being written.
+    staging = tempfile.mkdtemp(prefix=f".{os.path.basename(os.path.abspath(export_dir))}.tmp-", dir=parent)
+    try:
+        tf.saved_model.save(module, staging, signatures=module.signatures())
+        extra = os.path.join(staging, "assets.extra")
+        os.makedirs(extra, exist_ok=True)
+        with open(os.path.join(extra, EXPORT_INFO_FILE), "w") as fh:
+            json.dump({"xla": xla, "tasks": module._task_names, "outputs": module._output_names,
+                       "features": {k: v.dtype.name for k, v in module._serving_spec.items()},
+                       "dataset": spec.name}, fh, indent=1)
+        if os.path.isdir(export_dir):
+            if os.listdir(export_dir):
+                raise FileExistsError(f"export_dir {export_dir} exists and is not empty")
+            os.rmdir(export_dir)
+        os.rename(staging, export_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return export_dir

@@ -131,9 +131,12 @@ def cmd_train(args) -> int:
 def cmd_data_download(args) -> int:
     from features.census import download_census
 
-    paths = download_census(args.cache_dir, base_url=args.base_url)
-    for p in (paths.values() if isinstance(paths, dict) else paths):
-        print(p)
+    from features.census import CENSUS_FILES
+
+    files = args.file or list(CENSUS_FILES)
+    paths = download_census(args.cache_dir, base_url=args.base_url, files=files)
+    for name in files:
+        print(paths[name])
     return 0
 
 
@@ -170,6 +173,8 @@ def build_parser() -> argparse.ArgumentParser:
     download = data.add_parser("download", help="fetch the UCI census-income files and check their sha256")
     download.add_argument("--cache-dir", default=os.path.expanduser("~/.cache/mmoe/census-income"))
     download.add_argument("--base-url", default=None, help="mirror of UCI's census-income-mld folder (file:// works)")
+    download.add_argument("--file", action="append", choices=["census-income.data.gz", "census-income.test.gz"],
+                          help="fetch only this file (repeatable); default: both")
     download.set_defaults(func=cmd_data_download)
 
     # Commands that live beside the code they drive register themselves:
@@ -191,8 +196,9 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    except (ValueError, KeyError, FileNotFoundError, FileExistsError, OSError) as err:
-        # DataError (a ValueError) and config errors name the file, column or row themselves.
+    except (ValueError, KeyError, FileNotFoundError, FileExistsError, OSError, RuntimeError) as err:
+        # DataError (a ValueError), DownloadError (a RuntimeError) and config
+        # errors name the file, column or row themselves.
         message = err.args[0] if isinstance(err, KeyError) and err.args else err
         print(f"error: {message}", file=sys.stderr)
         return 2

@@ -144,3 +144,43 @@ def test_unexpected_label_value_names_column(tmp_path, census_lines, capsys):
 def test_bad_settings_are_clear_errors(small_census, tmp_path, capsys, flags, expected):
     err = _run_error(["train", "--data", str(small_census), "--out", str(tmp_path / "o")] + flags, capsys)
     assert expected in err
+
+
+def test_two_files_follow_the_paper_protocol(tmp_path, census_lines):
+    from features.census import census_spec
+    from pipelines.train_local import load_splits
+
+    (tmp_path / "train.data").write_text("\n".join(census_lines[:600]) + "\n")
+    (tmp_path / "test.data").write_text("\n".join(census_lines[600:1000]) + "\n")
+    train, valid, test, protocol = load_splits([tmp_path / "train.data", tmp_path / "test.data"], census_spec(1),
+                                               (0.6, 0.2, 0.2), seed=1, log=lambda _: None)
+    assert protocol["name"].startswith("paper")
+    assert protocol["rows"] == {"train": 600, "valid": 200, "test": 200}
+    assert len(train) == 600
+    # Validation and test are disjoint halves of the test file.
+    key = ["age", "det_ind_code", "det_occ_code", "wage_per_hour", "instance_weight"]
+    both = valid[key].merge(test[key], how="inner")
+    assert len(both) < 5  # identical rows can only be true duplicates in the data
+
+
+def test_download_command_fetches_from_a_mirror_and_checks_sha256(tmp_path, capsys):
+    import shutil
+
+    real = "/work/shared/data/census-income/census-income.test.gz"
+    if not Path(real).exists():
+        real = str(Path(__file__).parents[2] / "shared/data/census-income/census-income.test.gz")
+    if not Path(real).exists():
+        pytest.skip("the full UCI test file is not on this machine")
+    mirror = tmp_path / "mirror"
+    mirror.mkdir()
+    shutil.copy(real, mirror / "census-income.test.gz")
+    rc = main(["data", "download", "--cache-dir", str(tmp_path / "cache"), "--base-url", mirror.as_uri() + "/",
+               "--file", "census-income.test.gz"])
+    assert rc == 0
+    assert Path(capsys.readouterr().out.strip().splitlines()[-1]) == tmp_path / "cache" / "census-income.test.gz"
+    # A corrupted mirror copy is rejected and nothing is left in the cache.
+    (mirror / "census-income.test.gz").write_bytes(b"not the census file")
+    err = _run_error(["data", "download", "--cache-dir", str(tmp_path / "cache2"), "--base-url",
+                      mirror.as_uri() + "/", "--file", "census-income.test.gz"], capsys)
+    assert "census-income.test.gz" in err
+    assert not list(tmp_path.glob("cache2/census-income.test.gz*"))

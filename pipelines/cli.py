@@ -140,6 +140,16 @@ def cmd_data_download(args) -> int:
     return 0
 
 
+def cmd_data_export(args) -> int:
+    from pipelines.train_local import export_arrays, parse_split
+
+    for path in args.data:
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"--data {path}: no such file")
+    export_arrays(_dataset_spec(args), args.data, args.out, parse_split(args.split), args.seed)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mmoe", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -176,6 +186,19 @@ def build_parser() -> argparse.ArgumentParser:
     download.add_argument("--file", action="append", choices=["census-income.data.gz", "census-income.test.gz"],
                           help="fetch only this file (repeatable); default: both")
     download.set_defaults(func=cmd_data_download)
+    export = data.add_parser("export", help="transform a data set and save the model-ready arrays (npz)",
+                             description="Split and transform like `mmoe train`, then write one .npz with "
+                                         "<split>/<key> arrays and a JSON header (inputs, tasks, protocol): data "
+                                         "for machines without TensorFlow, such as a JAX-only GPU host.")
+    export.add_argument("--data", nargs="+", required=True, metavar="PATH")
+    export_source = export.add_mutually_exclusive_group()
+    export_source.add_argument("--task-group", type=int, choices=[1, 2], default=1)
+    export_source.add_argument("--config", metavar="FILE")
+    export.add_argument("--out", required=True, metavar="FILE.npz")
+    export.add_argument("--split", default="60/20/20")
+    export.add_argument("--seed", type=int, default=0)
+    export.add_argument("--format", choices=["npz"], default="npz")
+    export.set_defaults(func=cmd_data_export)
 
     # Commands that live beside the code they drive register themselves:
     # each module has `add_commands(subparsers)` and sets `func` on its parsers.

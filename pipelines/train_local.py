@@ -162,6 +162,50 @@ def train_run(spec, data: Sequence[str], out_dir: str, model_config, settings: T
     return metrics
 
 
+def export_arrays(spec, data: Sequence[str], out_path: str, split, seed: int, log=print) -> str:
+    """Transforms like `train_run` and saves `<split>/<key>` arrays plus a JSON header in one .npz.
+
+    The header (`__meta__`) lists the model inputs (name, kind, vocab_size), the tasks and the
+    split protocol, so `load_arrays` rebuilds `TaskData` without TensorFlow or tf.Transform.
+    """
+    import tempfile
+
+    from features.transform import transform_in_process, transformed_feature_info
+
+    tasks = model_tasks(spec, None)
+    train_df, valid_df, test_df, protocol = load_splits(data, spec, split, seed, log=log)
+    with tempfile.TemporaryDirectory() as tmp:
+        tft_output, arrays = transform_in_process(spec, train_df, {"valid": valid_df, "test": test_df}, tmp,
+                                                  progress=log)
+        inputs = transformed_feature_info(spec, tft_output)
+    meta = {"inputs": inputs, "tasks": [t.to_dict() for t in tasks], "protocol": protocol,
+            "label_keys": {t.name: spec.label_key(t.name) for t in tasks}}
+    payload = {f"{split_name}/{key}": value for split_name, split_arrays in arrays.items()
+               for key, value in split_arrays.items()}
+    payload["__meta__"] = np.array(json.dumps(meta))
+    Path(out_path).parent.mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(out_path, **payload)
+    log(f"wrote {out_path} ({', '.join(f'{k} {v:,}' for k, v in protocol['rows'].items())} rows)")
+    return str(out_path)
+
+
+def load_arrays(path: str):
+    """Reads an `export_arrays` file: (inputs, tasks, {split: TaskData}, protocol); needs only numpy and keras."""
+    from mmoe import InputFeature, TaskSpec
+    from mmoe.training import TaskData
+
+    with np.load(path, allow_pickle=False) as npz:
+        meta = json.loads(str(npz["__meta__"]))
+        inputs = [InputFeature(i["name"], i["kind"], i["vocab_size"]) for i in meta["inputs"]]
+        tasks = [TaskSpec.from_dict(t) for t in meta["tasks"]]
+        splits = {}
+        for split_name in ("train", "valid", "test"):
+            splits[split_name] = TaskData(
+                inputs={f.name: npz[f"{split_name}/{f.name}"] for f in inputs},
+                labels={t.name: npz[f"{split_name}/{meta['label_keys'][t.name]}"].astype("float32") for t in tasks})
+    return inputs, tasks, splits, meta["protocol"]
+
+
 def format_metrics(metrics: dict) -> str:
     """A small per-task table for the terminal."""
     lines = [f"{'task':<14}{'metric':<8}{'valid':>9}{'test':>9}"]

@@ -150,7 +150,7 @@ def test_export_without_gates(exports, tmp_path):
     ("existing", FileExistsError, "already holds a SavedModel"),
     ("export_dir", ValueError, "non-empty path"),
     ("xla", TypeError, "booleans"),
-    ("other_spec", ValueError, "do not match the dataset spec"),
+    ("other_spec", ValueError, "do not match the spec.s tasks"),
 ])
 def test_bad_arguments_raise_clear_errors(exports, tmp_path, change, error, message):
     from features.census import census_spec

@@ -184,3 +184,26 @@ def test_download_command_fetches_from_a_mirror_and_checks_sha256(tmp_path, caps
                       mirror.as_uri() + "/", "--file", "census-income.test.gz"], capsys)
     assert "census-income.test.gz" in err
     assert not list(tmp_path.glob("cache2/census-income.test.gz*"))
+
+
+@pytest.mark.slow
+def test_data_export_loads_without_tensorflow(small_census, tmp_path):
+    import subprocess
+    import sys
+
+    out = tmp_path / "census.npz"
+    assert main(["data", "export", "--data", str(small_census), "--out", str(out), "--seed", "2"]) == 0
+    script = (
+        "import sys, json; from pipelines.train_local import load_arrays\n"
+        f"inputs, tasks, splits, protocol = load_arrays({str(out)!r})\n"
+        "assert 'tensorflow' not in sys.modules, 'load_arrays imported TensorFlow'\n"
+        "print(json.dumps({'rows': {k: len(v) for k, v in splits.items()}, 'tasks': [t.name for t in tasks],"
+        " 'n_inputs': len(inputs), 'pos': float(splits['train'].labels['income'].mean())}))\n")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                          env={**__import__("os").environ, "KERAS_BACKEND": "jax"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert summary["rows"] == {"train": 1500, "valid": 500, "test": 500}
+    assert summary["tasks"] == ["income", "marital"]
+    assert summary["n_inputs"] == 38  # 42 columns less education, marital_stat, income_50k, instance_weight
+    assert 0 < summary["pos"] < 0.2

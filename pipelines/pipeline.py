@@ -1,0 +1,243 @@
+"""The TFX batch training pipeline.
+
+    ExampleGen -> StatisticsGen -> ImportSchemaGen -> ExampleValidator -> AnomalyGate
+      -> Transform -> [Tuner] -> Trainer -> Evaluator (+ latest blessed model) -> Pusher
+
+* ExampleGen: TFX's FileBasedExampleGen with `components.spec_example_gen`'s
+  executor: reads the files the DatasetSpec describes (the UCI files as they
+  are: no header, gzip) and writes tf.Examples typed by the spec, split by
+  hash into train/eval (4:1 by default, configurable).
+* Schema: the schema is the spec's contract (every used column present once,
+  numeric columns float, the others bytes, label columns restricted to their
+  listed values; categorical inputs have no closed domain, so a new category
+  value is not an anomaly, while a missing column or a wrong type is).  It is
+  written from the spec into `<pipeline_root>/schema/` and imported with
+  ImportSchemaGen; `schema_file=` (`--schema FILE`) imports a curated one
+  instead.  SchemaGen's inferred schema is not used because it gives every
+  column shape [1] (the transform and the serving signature take [batch]
+  tensors) and closed string domains (a new category would stop the run).
+* AnomalyGate: fails the run when ExampleValidator found anomalies (before
+  Transform, so nothing trains or is pushed).
+* Transform/Tuner/Trainer: `pipelines.trainer_module` (preprocessing_fn,
+  tuner_fn, run_fn), configured through custom_config.
+* Evaluator: TFMA on the eval split through the exported model's
+  `serving_default` signature, labels from its `transform_features`
+  signature; per head AUC, binary cross-entropy, calibration, mean
+  label/prediction and example count (RMSE and MSE for regression heads),
+  overall and sliced by the configured columns; blesses when every binary
+  head's AUC is at least its floor and drops by at most `max_auc_drop` from
+  the latest blessed model (LatestBlessedModelStrategy).
+* Pusher: copies a blessed model to `<serving_dir>/<model_name>/<version>`.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from typing import List, Optional
+
+from pipelines.configs import PipelineConfig, code_fingerprint
+
+# Component ids (also the names in ML Metadata and in the benchmark table).
+EXAMPLE_GEN = "ExampleGen"
+STATISTICS_GEN = "StatisticsGen"
+SCHEMA_GEN = "SchemaGen"
+EXAMPLE_VALIDATOR = "ExampleValidator"
+ANOMALY_GATE = "AnomalyGate"
+TRANSFORM = "Transform"
+TUNER = "Tuner"
+TRAINER = "Trainer"
+BASELINE_RESOLVER = "LatestBlessedModelResolver"
+EVALUATOR = "Evaluator"
+PUSHER = "Pusher"
+
+MODULE = "pipelines.trainer_module"
+
+
+def spec_schema(spec):
+    """The schema_pb2.Schema that the DatasetSpec implies for the raw examples (see the module docstring)."""
+    from tensorflow_transform.tf_metadata import schema_utils
+
+    from features.transform import raw_feature_spec
+
+    schema = schema_utils.schema_from_feature_spec(raw_feature_spec(spec))
+    domains = {}
+    for t in spec.tasks:
+        if t.values is not None:
+            domains.setdefault(t.column, [])
+            domains[t.column] += [v for v in t.values if v not in domains[t.column]]
+    for column, values in domains.items():
+        domain = schema.string_domain.add(name=column)
+        domain.value.extend(values)
+        for feature in schema.feature:
+            if feature.name == column:
+                feature.domain = column
+    return schema
+
+
+def _stable_copy(directory: str, prefix: str, text: str) -> str:
+    """Write `text` to directory/<prefix>-<sha>/schema.pbtxt once; the content-addressed path keeps caching exact."""
+    sha = hashlib.sha256(text.encode()).hexdigest()[:12]
+    path = os.path.join(directory, f"{prefix}-{sha}", "schema.pbtxt")
+    if not os.path.exists(path):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = path + ".tmp"
+        with open(tmp, "w") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    return path
+
+
+def write_schema(config: PipelineConfig, pipeline_root: str, schema_file: Optional[str] = None) -> str:
+    """Path of the schema the run imports: the user's curated file or the spec's, content-addressed."""
+    from google.protobuf import text_format
+    from tensorflow_metadata.proto.v0 import schema_pb2
+
+    directory = os.path.join(pipeline_root, "schema")
+    if schema_file:
+        if not os.path.isfile(schema_file):
+            raise FileNotFoundError(f"--schema {schema_file}: no such file")
+        with open(schema_file) as fh:
+            text = fh.read()
+        try:
+            text_format.Parse(text, schema_pb2.Schema())
+        except text_format.ParseError as e:
+            raise ValueError(f"--schema {schema_file}: not a text-format tensorflow_metadata Schema: {e}") from None
+        return _stable_copy(directory, "curated", text)
+    return _stable_copy(directory, "spec", text_format.MessageToString(spec_schema(config.spec)))
+
+
+def input_location(data: str):
+    """(input_base directory, file pattern) for --data FILE or --data DIR."""
+    data = os.path.abspath(data)
+    if os.path.isdir(data):
+        return data, "*"
+    if os.path.isfile(data):
+        return os.path.dirname(data), os.path.basename(data)
+    raise FileNotFoundError(f"--data {data}: no such file or directory")
+
+
+def eval_config(config: PipelineConfig):
+    import tensorflow_model_analysis as tfma
+
+    spec = config.spec
+    ev = config.evaluation
+    metrics_specs = []
+    for task in spec.tasks:
+        if task.kind == "binary":
+            floor = float(ev.auc_floors.get(task.name, ev.auc_floor))
+            auc = tfma.MetricConfig(class_name="AUC", threshold=tfma.MetricThreshold(
+                value_threshold=tfma.GenericValueThreshold(lower_bound={"value": floor}),
+                change_threshold=tfma.GenericChangeThreshold(
+                    direction=tfma.MetricDirection.HIGHER_IS_BETTER,
+                    absolute={"value": -float(ev.max_auc_drop)})))
+            metrics = [tfma.MetricConfig(class_name="ExampleCount"), auc,
+                       tfma.MetricConfig(class_name="BinaryCrossEntropy"),
+                       tfma.MetricConfig(class_name="Calibration"),
+                       tfma.MetricConfig(class_name="MeanLabel"),
+                       tfma.MetricConfig(class_name="MeanPrediction")]
+        else:
+            rmse = tfma.MetricConfig(class_name="RootMeanSquaredError", module="pipelines.components.tfma_metrics")
+            if ev.rmse_ceiling is not None or ev.max_rmse_increase is not None:
+                threshold = tfma.MetricThreshold()
+                if ev.rmse_ceiling is not None:
+                    threshold.value_threshold.upper_bound.value = float(ev.rmse_ceiling)
+                if ev.max_rmse_increase is not None:
+                    threshold.change_threshold.direction = tfma.MetricDirection.LOWER_IS_BETTER
+                    threshold.change_threshold.absolute.value = float(ev.max_rmse_increase)
+                rmse.threshold.CopyFrom(threshold)
+            metrics = [tfma.MetricConfig(class_name="ExampleCount"), rmse,
+                       tfma.MetricConfig(class_name="MeanSquaredError"),
+                       tfma.MetricConfig(class_name="MeanLabel"),
+                       tfma.MetricConfig(class_name="MeanPrediction")]
+        metrics_specs.append(tfma.MetricsSpec(output_names=[task.name], metrics=metrics))
+    return tfma.EvalConfig(
+        model_specs=[tfma.ModelSpec(signature_name="serving_default",
+                                    preprocessing_function_names=["transform_features"],
+                                    label_keys={t.name: spec.label_key(t.name) for t in spec.tasks})],
+        slicing_specs=[tfma.SlicingSpec()] + [tfma.SlicingSpec(feature_keys=[s]) for s in ev.slices],
+        metrics_specs=metrics_specs)
+
+
+def create_pipeline(config: PipelineConfig, *, data: str, pipeline_root: str, serving_dir: str,
+                    metadata_path: Optional[str] = None, schema_file: Optional[str] = None,
+                    enable_cache: bool = True, beam_args: Optional[List[str]] = None,
+                    metadata_connection_config=None):
+    """The pipeline (tfx.dsl.Pipeline) for `config`; `data` is a file or a directory of files."""
+    from tfx import v1 as tfx
+    from tfx.components import FileBasedExampleGen
+    from tfx.dsl.components.base import executor_spec
+    from tfx.proto import example_gen_pb2
+
+    from pipelines.components import spec_example_gen
+    from pipelines.components.anomaly_gate import AnomalyGate
+
+    input_base, pattern = input_location(data) if not data.startswith(("gs://", "s3://")) else (data, "*")
+    pipeline_root = os.path.abspath(pipeline_root) if "://" not in pipeline_root else pipeline_root
+    serving_dir = os.path.abspath(serving_dir) if "://" not in serving_dir else serving_dir
+    module_config = config.module_config()
+    split = config.split
+    output_config = example_gen_pb2.Output(split_config=example_gen_pb2.SplitConfig(
+        splits=[example_gen_pb2.SplitConfig.Split(name="train", hash_buckets=int(split.train_buckets)),
+                example_gen_pb2.SplitConfig.Split(name="eval", hash_buckets=int(split.eval_buckets))],
+        partition_feature_name=split.partition_feature or ""))
+    example_gen = FileBasedExampleGen(
+        input_base=input_base,
+        input_config=example_gen_pb2.Input(splits=[example_gen_pb2.Input.Split(name="single_split",
+                                                                              pattern=pattern)]),
+        output_config=output_config,
+        custom_config={spec_example_gen.DATASET_KEY: config.dataset, "code": code_fingerprint()},
+        custom_executor_spec=executor_spec.BeamExecutorSpec(spec_example_gen.Executor)).with_id(EXAMPLE_GEN)
+
+    statistics_gen = tfx.components.StatisticsGen(examples=example_gen.outputs["examples"]).with_id(STATISTICS_GEN)
+    schema_gen = tfx.components.ImportSchemaGen(
+        schema_file=write_schema(config, pipeline_root, schema_file)).with_id(SCHEMA_GEN)
+    example_validator = tfx.components.ExampleValidator(
+        statistics=statistics_gen.outputs["statistics"], schema=schema_gen.outputs["schema"]).with_id(EXAMPLE_VALIDATOR)
+    gate = AnomalyGate(anomalies=example_validator.outputs["anomalies"]).with_id(ANOMALY_GATE)
+
+    transform = tfx.components.Transform(
+        examples=example_gen.outputs["examples"], schema=schema_gen.outputs["schema"],
+        preprocessing_fn=f"{MODULE}.preprocessing_fn", custom_config=module_config,
+        force_tf_compat_v1=False, disable_statistics=True).with_id(TRANSFORM)
+    transform.add_upstream_node(gate)
+
+    train_args = tfx.proto.TrainArgs(num_steps=int(config.train.train_steps))
+    eval_args = tfx.proto.EvalArgs(num_steps=int(config.train.eval_steps) if config.train.eval_steps else None)
+    components = [example_gen, statistics_gen, schema_gen, example_validator, gate, transform]
+
+    hyperparameters = None
+    if config.tuner.enabled:
+        tuner = tfx.components.Tuner(
+            tuner_fn=f"{MODULE}.tuner_fn", examples=transform.outputs["transformed_examples"],
+            transform_graph=transform.outputs["transform_graph"], train_args=train_args, eval_args=eval_args,
+            custom_config=module_config).with_id(TUNER)
+        hyperparameters = tuner.outputs["best_hyperparameters"]
+        components.append(tuner)
+
+    trainer = tfx.components.Trainer(
+        run_fn=f"{MODULE}.run_fn", examples=transform.outputs["transformed_examples"],
+        transform_graph=transform.outputs["transform_graph"], schema=schema_gen.outputs["schema"],
+        hyperparameters=hyperparameters, train_args=train_args, eval_args=eval_args,
+        custom_config=module_config).with_id(TRAINER)
+
+    baseline = tfx.dsl.Resolver(
+        strategy_class=tfx.dsl.experimental.LatestBlessedModelStrategy,
+        model=tfx.dsl.Channel(type=tfx.types.standard_artifacts.Model),
+        model_blessing=tfx.dsl.Channel(type=tfx.types.standard_artifacts.ModelBlessing)).with_id(BASELINE_RESOLVER)
+
+    evaluator = tfx.components.Evaluator(
+        examples=example_gen.outputs["examples"], model=trainer.outputs["model"],
+        baseline_model=baseline.outputs["model"], eval_config=eval_config(config)).with_id(EVALUATOR)
+
+    pusher = tfx.components.Pusher(
+        model=trainer.outputs["model"], model_blessing=evaluator.outputs["blessing"],
+        push_destination=tfx.proto.PushDestination(filesystem=tfx.proto.PushDestination.Filesystem(
+            base_directory=os.path.join(serving_dir, config.model_name)))).with_id(PUSHER)
+    components += [trainer, baseline, evaluator, pusher]
+
+    if metadata_connection_config is None and metadata_path is not None:
+        metadata_connection_config = tfx.orchestration.metadata.sqlite_metadata_connection_config(metadata_path)
+    return tfx.dsl.Pipeline(
+        pipeline_name=config.pipeline_name, pipeline_root=pipeline_root, components=components,
+        enable_cache=enable_cache, metadata_connection_config=metadata_connection_config,
+        beam_pipeline_args=list(config.beam_args if beam_args is None else beam_args))

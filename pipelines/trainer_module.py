@@ -1,0 +1,299 @@
+"""The TFX module: Transform's `preprocessing_fn`, Trainer's `run_fn`, Tuner's `tuner_fn`.
+
+The pipeline refers to these functions by dotted path
+(`pipelines.trainer_module.run_fn`), not with `module_file=`: our packages are
+installed in the environment (and must be in any worker or container image,
+since the functions import `features`, `mmoe` and `serving`), so there is no
+wheel to build per run.  So that a code change still invalidates cached
+results, the pipeline puts a fingerprint of the source files into each
+component's `custom_config` (`pipelines.configs.code_fingerprint`).
+
+Everything a function needs arrives through `custom_config` as plain data:
+
+* `dataset`: the DatasetSpec (`features.spec.dataset_spec_to_dict`), so any
+  data set with a spec works, not only census;
+* `model`: the ModelConfig (`mmoe.ModelConfig.to_dict`): architecture,
+  experts, gates, towers, learning rate, mixed precision;
+* `train`: batch size per replica, steps per epoch, early-stopping patience,
+  main task, per-task loss weights, sample weights on/off, XLA on/off, seed;
+* `tuner`: the search space and number of trials (Tuner only).
+
+Keras 3 (`import keras`) throughout; tf.Transform and the export use
+TensorFlow directly.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import Any, Dict, List, Mapping, Optional, Sequence
+
+from absl import logging
+
+# Defaults of custom_config["train"]; pipelines.configs.TrainConfig mirrors them.
+TRAIN_DEFAULTS = {
+    "batch_size": 512,  # per replica; the global batch is batch_size * replicas
+    "steps_per_epoch": 200,  # validation (and early stopping) after this many steps
+    "patience": 4,  # epochs without improvement of the main task's validation metric
+    "main_task": None,  # default: the first task
+    "loss_weights": {},  # task -> weight (default 1)
+    "use_weights": False,  # use the spec's weight column as sample weight
+    "xla": True,  # jit_compile the train step and the serving dispatch
+    "seed": 0,
+    "shuffle_buffer": 10_000,
+}
+
+# Hyperparameters the Tuner may set and how they map onto ModelConfig.
+TUNABLE = ("num_experts", "expert_units", "gate_temperature", "learning_rate")
+TUNER_DEFAULTS = {
+    "max_trials": 4,
+    "num_experts": [4, 8],
+    "expert_units": [32, 64],
+    "gate_temperature": [0.5, 2.0],  # log-uniform range
+    "learning_rate": [3e-4, 3e-3],  # log-uniform range
+    "steps_per_trial": None,  # default: the Tuner's train_args.num_steps
+}
+
+
+# -- shared helpers ----------------------------------------------------------------------
+
+
+def dataset_spec(custom_config: Mapping[str, Any]):
+    from features.spec import dataset_spec_from_dict
+
+    if not custom_config or "dataset" not in custom_config:
+        raise ValueError("custom_config needs 'dataset' (features.spec.dataset_spec_to_dict of the DatasetSpec)")
+    return dataset_spec_from_dict(custom_config["dataset"], source="custom_config['dataset']")
+
+
+def train_settings(custom_config: Mapping[str, Any]) -> Dict[str, Any]:
+    settings = dict(TRAIN_DEFAULTS)
+    given = dict(custom_config.get("train") or {})
+    unknown = sorted(set(given) - set(settings))
+    if unknown:
+        raise ValueError(f"unknown train setting(s) {unknown}; known: {sorted(settings)}")
+    settings.update(given)
+    return settings
+
+
+def apply_hyperparameters(config, values: Optional[Mapping[str, Any]]):
+    """ModelConfig with the tunable fields replaced by `values` (Tuner output)."""
+    if not values:
+        return config
+    changes = {}
+    for name in TUNABLE:
+        if name in values:
+            value = values[name]
+            if name == "expert_units":
+                value = tuple(value) if isinstance(value, (list, tuple)) else (int(value),)
+            elif name == "num_experts":
+                value = int(value)
+            else:
+                value = float(value)
+            changes[name] = value
+    return config.replace(**changes)
+
+
+def model_config(custom_config: Mapping[str, Any], hyperparameters: Optional[Mapping[str, Any]] = None):
+    from mmoe import ModelConfig
+
+    config = ModelConfig.from_dict(dict(custom_config.get("model") or {}))
+    if hyperparameters:
+        import keras_tuner
+
+        values = keras_tuner.HyperParameters.from_config(hyperparameters).values \
+            if "space" in hyperparameters else dict(hyperparameters)
+        config = apply_hyperparameters(config, values)
+    return config
+
+
+def model_tasks(spec, loss_weights: Mapping[str, float]):
+    from mmoe import TaskSpec
+
+    unknown = sorted(set(loss_weights or {}) - set(spec.task_names))
+    if unknown:
+        raise ValueError(f"loss weight given for unknown task(s) {unknown}; tasks are {spec.task_names}")
+    return [TaskSpec(t.name, t.kind, float((loss_weights or {}).get(t.name, 1.0))) for t in spec.tasks]
+
+
+def input_features(spec, tft_output):
+    from features.transform import transformed_feature_info
+    from mmoe import InputFeature
+
+    return [InputFeature(i["name"], i["kind"], i["vocab_size"]) for i in transformed_feature_info(spec, tft_output)]
+
+
+def _files(patterns: Sequence[str]) -> List[str]:
+    import tensorflow as tf
+
+    files = sorted({f for p in patterns for f in tf.io.gfile.glob(p)})
+    if not files:
+        raise FileNotFoundError(f"no transformed examples match {list(patterns)}")
+    return files
+
+
+def make_dataset(patterns: Sequence[str], tft_output, spec, features, batch_size: int, *, training: bool,
+                 use_weights: bool, seed: int = 0, shuffle_buffer: int = 10_000):
+    """(inputs, labels[, sample weights]) batches of transformed examples, keyed as the model expects."""
+    import tensorflow as tf
+
+    from features.spec import WEIGHT_KEY
+
+    files = _files(patterns)
+    compression = "GZIP" if files[0].endswith(".gz") else ""
+    feature_spec = tft_output.transformed_feature_spec()
+    kinds = {f.name: (tf.float32 if f.kind == "numeric" else tf.int32) for f in features}
+    tasks = spec.task_names
+
+    def split(batch):
+        inputs = {name: tf.cast(batch[name], dtype) for name, dtype in kinds.items()}
+        labels = {t: tf.cast(batch[spec.label_key(t)], tf.float32) for t in tasks}
+        if use_weights:
+            w = tf.cast(batch[WEIGHT_KEY], tf.float32)
+            return inputs, labels, {t: w for t in tasks}
+        return inputs, labels
+
+    ds = tf.data.TFRecordDataset(files, compression_type=compression, num_parallel_reads=tf.data.AUTOTUNE)
+    if training:
+        ds = ds.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True).repeat()
+    ds = ds.batch(batch_size, drop_remainder=False)
+    ds = ds.map(lambda x: tf.io.parse_example(x, feature_spec), num_parallel_calls=tf.data.AUTOTUNE)
+    return ds.map(split, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
+
+
+def distribution_strategy():
+    """MirroredStrategy over every visible GPU; on a machine without one, one CPU replica."""
+    import tensorflow as tf
+
+    gpus = tf.config.list_logical_devices("GPU")
+    devices = [d.name for d in gpus] or ["/cpu:0"]
+    return tf.distribute.MirroredStrategy(devices=devices)
+
+
+# -- Transform -----------------------------------------------------------------------------
+
+
+def preprocessing_fn(inputs, custom_config):
+    """Transform's preprocessing_fn: the foundation's, for the spec in custom_config."""
+    from features.transform import make_preprocessing_fn
+
+    return make_preprocessing_fn(dataset_spec(custom_config))(inputs)
+
+
+# -- Trainer -------------------------------------------------------------------------------
+
+
+def run_fn(fn_args) -> None:
+    """Trainer entry point: build from custom_config, train with XLA, write TensorBoard logs, export."""
+    import keras
+    import tensorflow as tf
+    import tensorflow_transform as tft
+
+    from mmoe import build_model, compile_model
+    from mmoe.training import monitor_for
+    from serving.export import export_serving_model
+
+    custom_config = fn_args.custom_config or {}
+    spec = dataset_spec(custom_config)
+    settings = train_settings(custom_config)
+    config = model_config(custom_config, getattr(fn_args, "hyperparameters", None))
+    tasks = model_tasks(spec, settings["loss_weights"])
+    main = next((t for t in tasks if t.name == settings["main_task"]), None) if settings["main_task"] else tasks[0]
+    if main is None:
+        raise ValueError(f"main task {settings['main_task']!r} is not one of {spec.task_names}")
+
+    tft_output = tft.TFTransformOutput(fn_args.transform_output)
+    features = input_features(spec, tft_output)
+    strategy = distribution_strategy()
+    replicas = strategy.num_replicas_in_sync
+    global_batch = int(settings["batch_size"]) * replicas
+    keras.utils.set_random_seed(int(settings["seed"]))
+
+    train_ds = make_dataset(fn_args.train_files, tft_output, spec, features, global_batch, training=True,
+                            use_weights=settings["use_weights"], seed=int(settings["seed"]),
+                            shuffle_buffer=int(settings["shuffle_buffer"]))
+    eval_ds = make_dataset(fn_args.eval_files, tft_output, spec, features, global_batch, training=False,
+                           use_weights=settings["use_weights"])
+    with strategy.scope():
+        model = compile_model(build_model(config, features, tasks), config, tasks, jit_compile=bool(settings["xla"]))
+
+    train_steps = int(fn_args.train_steps or settings["steps_per_epoch"])
+    steps_per_epoch = max(1, min(int(settings["steps_per_epoch"]), train_steps))
+    epochs = max(1, math.ceil(train_steps / steps_per_epoch))
+    monitor, mode = monitor_for(main)
+    log_dir = fn_args.model_run_dir
+    callbacks = [keras.callbacks.TensorBoard(log_dir=log_dir, update_freq="epoch"),
+                 keras.callbacks.EarlyStopping(monitor=monitor, mode=mode, patience=int(settings["patience"]),
+                                               restore_best_weights=True)]
+    logging.info("training %s (%d parameters) on %d replica(s), global batch %d, %d steps (%d epochs of %d)",
+                 config.arch, model.count_params(), replicas, global_batch, train_steps, epochs, steps_per_epoch)
+    history = model.fit(train_ds, steps_per_epoch=steps_per_epoch, epochs=epochs, validation_data=eval_ds,
+                        validation_steps=fn_args.eval_steps or None, callbacks=callbacks, verbose=2)
+
+    os.makedirs(log_dir, exist_ok=True)
+    with tf.io.gfile.GFile(os.path.join(log_dir, "training.json"), "w") as fh:
+        json.dump({"model": config.to_dict(), "tasks": [t.to_dict() for t in tasks],
+                   "inputs": [f.to_dict() for f in features], "train": settings, "replicas": replicas,
+                   "global_batch": global_batch, "train_steps": train_steps, "epochs_run": len(history.epoch),
+                   "history": {k: [float(v) for v in vals] for k, vals in history.history.items()}}, fh, indent=1)
+    export_serving_model(model, fn_args.transform_output, spec, fn_args.serving_model_dir,
+                         xla=bool(settings["xla"]), with_gates=True)
+    logging.info("serving model exported to %s", fn_args.serving_model_dir)
+
+
+# -- Tuner ---------------------------------------------------------------------------------
+
+
+def search_space(tuner_config: Mapping[str, Any]):
+    import keras_tuner
+
+    cfg = {**TUNER_DEFAULTS, **(tuner_config or {})}
+    hp = keras_tuner.HyperParameters()
+    hp.Choice("num_experts", [int(v) for v in cfg["num_experts"]])
+    hp.Choice("expert_units", [int(v) for v in cfg["expert_units"]])
+    low, high = (float(v) for v in cfg["gate_temperature"])
+    hp.Float("gate_temperature", low, high, sampling="log")
+    low, high = (float(v) for v in cfg["learning_rate"])
+    hp.Float("learning_rate", low, high, sampling="log")
+    return hp, cfg
+
+
+def tuner_fn(fn_args):
+    """Tuner entry point: random search on the main task's validation metric."""
+    import keras_tuner
+    import tensorflow_transform as tft
+    from tfx.components.tuner.component import TunerFnResult
+
+    from mmoe import build_model, compile_model
+    from mmoe.training import monitor_for
+
+    custom_config = fn_args.custom_config or {}
+    spec = dataset_spec(custom_config)
+    settings = train_settings(custom_config)
+    base = model_config(custom_config)
+    tasks = model_tasks(spec, settings["loss_weights"])
+    main = next((t for t in tasks if t.name == settings["main_task"]), tasks[0])
+    hp, cfg = search_space(custom_config.get("tuner") or {})
+    tft_output = tft.TFTransformOutput(fn_args.transform_graph_path)
+    features = input_features(spec, tft_output)
+
+    def build(hparams):
+        config = apply_hyperparameters(base, hparams.values)
+        return compile_model(build_model(config, features, tasks), config, tasks, jit_compile=bool(settings["xla"]))
+
+    monitor, mode = monitor_for(main)
+    tuner = keras_tuner.RandomSearch(build, objective=keras_tuner.Objective(monitor, mode),
+                                     max_trials=int(cfg["max_trials"]), hyperparameters=hp,
+                                     directory=fn_args.working_dir, project_name="mmoe_tuning",
+                                     seed=int(settings["seed"]), overwrite=True)
+    batch = int(settings["batch_size"])
+    train_ds = make_dataset(fn_args.train_files, tft_output, spec, features, batch, training=True,
+                            use_weights=settings["use_weights"], seed=int(settings["seed"]))
+    eval_ds = make_dataset(fn_args.eval_files, tft_output, spec, features, batch, training=False,
+                           use_weights=settings["use_weights"])
+    steps = int(cfg["steps_per_trial"] or fn_args.train_steps or settings["steps_per_epoch"])
+    steps_per_epoch = max(1, min(int(settings["steps_per_epoch"]), steps))
+    return TunerFnResult(tuner=tuner, fit_kwargs={
+        "x": train_ds, "validation_data": eval_ds, "steps_per_epoch": steps_per_epoch,
+        "epochs": max(1, math.ceil(steps / steps_per_epoch)), "validation_steps": fn_args.eval_steps or None,
+        "verbose": 2})

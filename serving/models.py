@@ -1,0 +1,473 @@
+"""Loaded model versions (`Servable`) and the manager that loads, serves and retires them.
+
+The manager polls each model's base path the way tensorflow_model_server
+does: version directories are positive integers holding a saved_model.pb; the
+version policy (latest N, all, specific) says which to serve.
+
+Rules that keep requests from failing while versions come and go:
+
+* a new version is loaded and warmed up before it becomes visible, and an
+  old one is retired only after its replacement is available;
+* a request holds a reference to the version it resolved, so retiring a
+  version waits for its in-flight requests before stopping its batchers;
+* a version that fails to load is recorded (GetModelStatus reports it), is
+  skipped by the "latest" policy, and is not retried until its directory
+  changes, so it never replaces a serving version.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import threading
+import time
+from typing import Dict, List, Optional, Tuple
+
+import grpc
+import numpy as np
+
+from serving.batching import Batcher
+from serving.config import BatchingParameters, ModelEntry, load_model_config
+from serving.tensors import ServingError, invalid
+
+log = logging.getLogger("mmoe.serving")
+
+# tensorflow_serving.apis.get_model_status_pb2.ModelVersionStatus.State values.
+START, LOADING, AVAILABLE, UNLOADING, END = 10, 20, 30, 40, 50
+STATE_NAMES = {START: "START", LOADING: "LOADING", AVAILABLE: "AVAILABLE", UNLOADING: "UNLOADING", END: "END"}
+
+WARMUP_FILE = os.path.join("assets.extra", "tf_serving_warmup_requests")
+EXPORT_INFO = os.path.join("assets.extra", "mmoe_export.json")
+
+
+def _first_line(message: str) -> str:
+    # TF errors append graph context ("\n\t [[{{node ...}}]]") that means nothing to a client.
+    text = str(message).split("\n\t [[")[0].split("\n\n")[0].strip()
+    return text[:2000]
+
+
+class Signature:
+    """One signature of a loaded SavedModel: its function and input/output specs."""
+
+    def __init__(self, name: str, fn):
+        self.name = name
+        self.fn = fn
+        _, kwargs = fn.structured_input_signature
+        self.inputs = dict(kwargs)  # name -> tf.TensorSpec
+        self.outputs = list(fn.structured_outputs)
+        # Batchable when every input's first dimension is the (unknown) batch dimension.
+        self.batchable = bool(self.inputs) and all(
+            s.shape.rank is not None and s.shape.rank >= 1 and s.shape[0] is None for s in self.inputs.values())
+
+    def validate(self, inputs: Dict[str, np.ndarray], max_batch: int) -> int:
+        """Checks names, dtypes and shapes; returns the batch size.  Raises ServingError."""
+        missing = sorted(set(self.inputs) - set(inputs))
+        if missing:
+            raise invalid(f"signature {self.name!r}: missing input(s) {missing}")
+        unknown = sorted(set(inputs) - set(self.inputs))
+        if unknown:
+            raise invalid(f"signature {self.name!r}: unknown input(s) {unknown}; it takes {sorted(self.inputs)}")
+        sizes = set()
+        for name, spec in self.inputs.items():
+            value = inputs[name]
+            want = spec.dtype
+            if want.name == "string":
+                ok = value.dtype == object
+            else:
+                ok = value.dtype == np.dtype(want.as_numpy_dtype)
+            if not ok:
+                got = "DT_STRING" if value.dtype == object else f"DT_{value.dtype.name.upper()}"
+                raise invalid(f"signature {self.name!r}: input {name!r} must be DT_{want.name.upper()}, got {got}")
+            if not spec.shape.is_compatible_with(value.shape):
+                raise invalid(f"signature {self.name!r}: input {name!r} has shape {list(value.shape)}, "
+                              f"expected {spec.shape.as_list()} (None = any size)")
+            if value.ndim:
+                sizes.add(value.shape[0])
+        if len(sizes) > 1:
+            raise invalid(f"signature {self.name!r}: inputs have different batch sizes {sorted(sizes)}")
+        size = sizes.pop() if sizes else 1
+        if size == 0:
+            raise invalid(f"signature {self.name!r}: empty batch (0 examples)")
+        if size > max_batch:
+            raise ServingError(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                               f"batch of {size} examples exceeds the server's limit of {max_batch} per request")
+        return size
+
+
+class Servable:
+    """One loaded version of one model."""
+
+    def __init__(self, name: str, version: int, path: str, batching: Optional[BatchingParameters],
+                 max_batch: int):
+        import tensorflow as tf
+        from tensorflow.python.saved_model import loader_impl
+
+        self.name, self.version, self.path = name, version, path
+        self.max_batch = max_batch
+        self._tf = tf
+        self._loaded = tf.saved_model.load(path)
+        self.signatures = {k: Signature(k, fn) for k, fn in self._loaded.signatures.items()}
+        if not self.signatures:
+            raise ValueError(f"{path}: the SavedModel has no signatures")
+        saved = loader_impl.parse_saved_model(path)
+        self.signature_defs = dict(saved.meta_graphs[0].signature_def)
+        info_path = os.path.join(path, EXPORT_INFO)
+        self.export_info = json.load(open(info_path)) if os.path.isfile(info_path) else {}
+        self._batchers: Dict[str, Batcher] = {}
+        if batching is not None:
+            for key, sig in self.signatures.items():
+                if sig.batchable:
+                    self._batchers[key] = Batcher(lambda inputs, s=sig: self._call(s, inputs), batching,
+                                                  name=f"{name}-v{version}-{key}")
+        self._refs = 0
+        self._retired = False
+        self._lock = threading.Lock()
+
+    # -- calls --------------------------------------------------------------------------------------
+
+    def signature(self, key: str) -> Signature:
+        key = key or "serving_default"
+        sig = self.signatures.get(key)
+        if sig is None:
+            raise invalid(f"model {self.name!r} version {self.version} has no signature {key!r}; "
+                          f"signatures: {sorted(self.signatures)}")
+        return sig
+
+    def _call(self, sig: Signature, inputs: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
+        tf = self._tf
+        try:
+            out = sig.fn(**{k: tf.constant(v, dtype=sig.inputs[k].dtype) for k, v in inputs.items()})
+        except tf.errors.InvalidArgumentError as err:
+            raise invalid(_first_line(err.message)) from None
+        except (TypeError, ValueError) as err:
+            raise invalid(_first_line(str(err))) from None
+        except tf.errors.ResourceExhaustedError as err:
+            raise ServingError(grpc.StatusCode.RESOURCE_EXHAUSTED, _first_line(err.message)) from None
+        except tf.errors.OpError as err:
+            raise ServingError(grpc.StatusCode.INTERNAL, _first_line(err.message)) from None
+        return {k: v.numpy() for k, v in out.items()}
+
+    def run(self, signature_key: str, inputs: Dict[str, np.ndarray],
+            output_filter: Optional[List[str]] = None) -> Tuple[Signature, Dict[str, np.ndarray]]:
+        sig = self.signature(signature_key)
+        if output_filter:
+            unknown = sorted(set(output_filter) - set(sig.outputs))
+            if unknown:
+                raise invalid(f"output_filter names unknown output(s) {unknown}; signature {sig.name!r} "
+                              f"has {sorted(sig.outputs)}")
+        size = sig.validate(inputs, self.max_batch)
+        batcher = self._batchers.get(sig.name)
+        outputs = batcher.run(inputs, size) if batcher is not None else self._call(sig, inputs)
+        if output_filter:
+            outputs = {k: outputs[k] for k in output_filter}
+        return sig, outputs
+
+    def warmup(self) -> int:
+        """Replays assets.extra/tf_serving_warmup_requests (TF Serving's format); returns how many ran."""
+        path = os.path.join(self.path, WARMUP_FILE)
+        if not os.path.isfile(path):
+            return 0
+        from tensorflow_serving.apis import prediction_log_pb2
+
+        from serving.tensors import to_numpy
+
+        count = 0
+        for record in self._tf.data.TFRecordDataset(path).take(100):
+            entry = prediction_log_pb2.PredictionLog.FromString(record.numpy())
+            if entry.WhichOneof("log_type") != "predict_log":
+                continue
+            request = entry.predict_log.request
+            inputs = {k: to_numpy(v, k, 1 << 24) for k, v in request.inputs.items()}
+            sig = self.signature(request.model_spec.signature_name)
+            self._call(sig, inputs)  # bypass batching: one call per warmup shape
+            count += 1
+        return count
+
+    # -- lifetime --------------------------------------------------------------------------------------
+
+    def acquire(self) -> None:
+        with self._lock:
+            self._refs += 1
+
+    def release(self) -> None:
+        with self._lock:
+            self._refs -= 1
+            close = self._retired and self._refs == 0
+        if close:
+            self._close()
+
+    def retire(self) -> None:
+        """No new requests will reach this version; close it when the last in-flight one ends."""
+        with self._lock:
+            self._retired = True
+            close = self._refs == 0
+        if close:
+            self._close()
+
+    def _close(self) -> None:
+        # Stopping a batcher drains its queue first; done off the request thread.
+        batchers, self._batchers = self._batchers, {}
+        if batchers:
+            threading.Thread(target=lambda: [b.stop() for b in batchers.values()], daemon=True).start()
+
+
+class VersionStatus:
+    __slots__ = ("state", "error_code", "error_message", "mtime")
+
+    def __init__(self, state: int, error_code: int = 0, error_message: str = "", mtime: float = 0.0):
+        self.state, self.error_code, self.error_message, self.mtime = state, error_code, error_message, mtime
+
+
+class _Model:
+    def __init__(self, entry: ModelEntry):
+        self.entry = entry
+        self.servables: Dict[int, Servable] = {}
+        self.status: Dict[int, VersionStatus] = {}
+        self.base_path_error = ""
+
+
+def versions_on_disk(base_path: str) -> Dict[int, float]:
+    """version -> mtime of its saved_model.pb, for positive integer directories holding one."""
+    out = {}
+    try:
+        names = os.listdir(base_path)
+    except OSError:
+        return out
+    for name in names:
+        if not name.isdigit() or int(name) <= 0:
+            continue
+        pb = os.path.join(base_path, name, "saved_model.pb")
+        try:
+            out[int(name)] = os.stat(pb).st_mtime
+        except OSError:
+            continue
+    return out
+
+
+class ModelManager:
+    """Serves every configured model; `poll()` syncs loaded versions with what is on disk."""
+
+    def __init__(self, entries: List[ModelEntry], *, batching: Optional[BatchingParameters] = None,
+                 max_batch: int = 8192, poll_seconds: float = 1.0, config_path: Optional[str] = None):
+        self._models: Dict[str, _Model] = {e.name: _Model(e) for e in entries}
+        self._batching = batching
+        self._max_batch = max_batch
+        self._poll_seconds = poll_seconds
+        self._config_path = config_path
+        self._config_mtime = os.stat(config_path).st_mtime if config_path else None
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: Optional[threading.Thread] = None
+        self._poll_lock = threading.Lock()
+
+    # -- requests ------------------------------------------------------------------------------------
+
+    @property
+    def model_names(self) -> List[str]:
+        return sorted(self._models)
+
+    @contextlib.contextmanager
+    def use(self, name: str, version: Optional[int] = None, label: str = ""):
+        """Resolve (name, version or label) to a Servable held for the duration of the block."""
+        servable = self.resolve(name, version, label)
+        try:
+            yield servable
+        finally:
+            servable.release()
+
+    def resolve(self, name: str, version: Optional[int] = None, label: str = "") -> Servable:
+        """The servable for a request, already acquired (call release()).  Raises ServingError."""
+        with self._lock:
+            model = self._models.get(name)
+            if model is None:
+                raise ServingError(grpc.StatusCode.NOT_FOUND,
+                                   f"model {name!r} is not served; models: {self.model_names}")
+            if version is not None and label:
+                raise invalid("model_spec sets both version and version_label; set one")
+            if label:
+                if label not in model.entry.labels:
+                    raise ServingError(grpc.StatusCode.NOT_FOUND,
+                                       f"model {name!r} has no version label {label!r}; "
+                                       f"labels: {sorted(model.entry.labels)}")
+                target = model.entry.labels[label]
+                servable = model.servables.get(target)
+                if servable is None:
+                    raise ServingError(grpc.StatusCode.FAILED_PRECONDITION,
+                                       f"version label {label!r} of model {name!r} points to version {target}, "
+                                       f"which is not available ({self._describe(model, target)})")
+            elif version is not None:
+                servable = model.servables.get(version)
+                if servable is None:
+                    status = model.status.get(version)
+                    if status is not None and status.error_message:
+                        raise ServingError(grpc.StatusCode.FAILED_PRECONDITION,
+                                           f"version {version} of model {name!r} failed to load: "
+                                           f"{status.error_message}")
+                    if status is not None and status.state == LOADING:
+                        raise ServingError(grpc.StatusCode.FAILED_PRECONDITION,
+                                           f"version {version} of model {name!r} is still loading")
+                    raise ServingError(grpc.StatusCode.NOT_FOUND,
+                                       f"model {name!r} has no version {version}; available versions: "
+                                       f"{sorted(model.servables)}")
+            else:
+                if not model.servables:
+                    detail = model.base_path_error or self._describe_all(model)
+                    raise ServingError(grpc.StatusCode.FAILED_PRECONDITION,
+                                       f"model {name!r} has no available version ({detail})")
+                servable = model.servables[max(model.servables)]
+            servable.acquire()
+            return servable
+
+    @staticmethod
+    def _describe(model: _Model, version: int) -> str:
+        status = model.status.get(version)
+        if status is None:
+            return "not found on disk"
+        if status.error_message:
+            return f"failed to load: {status.error_message}"
+        return STATE_NAMES[status.state]
+
+    def _describe_all(self, model: _Model) -> str:
+        if not model.status:
+            return f"no version directory under {model.entry.base_path}"
+        return "; ".join(f"version {v}: {self._describe(model, v)}" for v in sorted(model.status))
+
+    def statuses(self, name: str, version: Optional[int] = None, label: str = "") -> List[Tuple[int, VersionStatus]]:
+        with self._lock:
+            model = self._models.get(name)
+            if model is None:
+                raise ServingError(grpc.StatusCode.NOT_FOUND,
+                                   f"model {name!r} is not served; models: {self.model_names}")
+            if label:
+                if label not in model.entry.labels:
+                    raise ServingError(grpc.StatusCode.NOT_FOUND,
+                                       f"model {name!r} has no version label {label!r}; "
+                                       f"labels: {sorted(model.entry.labels)}")
+                version = model.entry.labels[label]
+            items = sorted(model.status.items())
+            if version is not None:
+                items = [(v, s) for v, s in items if v == version]
+                if not items:
+                    raise ServingError(grpc.StatusCode.NOT_FOUND, f"model {name!r} has no version {version}")
+            return items
+
+    def ready(self) -> bool:
+        with self._lock:
+            return all(m.servables for m in self._models.values())
+
+    # -- polling ---------------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self.poll()
+        self._thread = threading.Thread(target=self._poll_loop, name="model-poller", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=60)
+        with self._lock:
+            servables = [s for m in self._models.values() for s in m.servables.values()]
+            for m in self._models.values():
+                m.servables = {}
+        for s in servables:
+            s.retire()
+
+    def _poll_loop(self) -> None:
+        while not self._stop.wait(self._poll_seconds):
+            try:
+                self.poll()
+            except Exception:  # a poll must never kill the poller
+                log.exception("model poll failed")
+
+    def _reload_config(self) -> None:
+        try:
+            mtime = os.stat(self._config_path).st_mtime
+        except OSError:
+            return
+        if mtime == self._config_mtime:
+            return
+        self._config_mtime = mtime
+        try:
+            entries = load_model_config(self._config_path)
+        except (ValueError, OSError) as err:
+            log.error("keeping the previous model config: %s", err)
+            return
+        retired = []
+        with self._lock:
+            models = {}
+            for e in entries:
+                model = self._models.get(e.name) or _Model(e)
+                model.entry = e
+                models[e.name] = model
+            for name, model in self._models.items():
+                if name not in models:
+                    retired.extend(model.servables.values())
+            self._models = models
+        for s in retired:
+            s.retire()
+        log.info("model config reloaded: %s", sorted(models))
+
+    def poll(self) -> None:
+        """One sync of every model with its base path (also called at start-up and by tests)."""
+        with self._poll_lock:
+            if self._config_path:
+                self._reload_config()
+            for model in list(self._models.values()):
+                self._sync(model)
+
+    def _sync(self, model: _Model) -> None:
+        entry = model.entry
+        if not os.path.isdir(entry.base_path):
+            model.base_path_error = f"base path {entry.base_path} does not exist"
+            log.warning("model %s: %s", entry.name, model.base_path_error)
+            on_disk = {}
+        else:
+            model.base_path_error = ""
+            on_disk = versions_on_disk(entry.base_path)
+        # Failed versions stay failed until their saved_model.pb changes.
+        failed = {v for v, s in model.status.items()
+                  if s.error_message and v in on_disk and on_disk[v] == s.mtime}
+        wanted = entry.policy.select([v for v in on_disk if v not in failed])
+        for v in sorted(set(wanted) - set(model.servables), reverse=True):
+            self._load(model, v, on_disk[v])
+        with self._lock:
+            # Only after the new versions are available: retire what the policy no longer wants.
+            keep = set(wanted) & set(model.servables)
+            if not keep and model.servables and on_disk:
+                keep = {max(model.servables)} if max(model.servables) in on_disk else set()
+            gone = {v: s for v, s in model.servables.items() if v not in keep}
+            model.servables = {v: s for v, s in model.servables.items() if v in keep}
+            for v in gone:
+                model.status[v] = VersionStatus(END)
+            for v in list(model.status):
+                if v not in on_disk and v not in model.servables and model.status[v].state != END:
+                    model.status[v] = VersionStatus(END)
+        for v, s in gone.items():
+            log.info("model %s: unloading version %d", entry.name, v)
+            s.retire()
+
+    def _load(self, model: _Model, version: int, mtime: float) -> None:
+        name = model.entry.name
+        path = os.path.join(model.entry.base_path, str(version))
+        with self._lock:
+            model.status[version] = VersionStatus(LOADING, mtime=mtime)
+        started = time.time()
+        try:
+            servable = Servable(name, version, path, self._batching, self._max_batch)
+            warmed = servable.warmup()
+        except Exception as err:  # any load failure is reported, never raised into the poller
+            message = _first_line(f"{type(err).__name__}: {err}")
+            log.error("model %s: version %d failed to load: %s", name, version, message)
+            with self._lock:
+                model.status[version] = VersionStatus(END, error_code=2, error_message=message, mtime=mtime)
+            return
+        with self._lock:
+            if self._models.get(name) is not model:  # removed from the config while loading
+                servable.retire()
+                return
+            model.servables[version] = servable
+            model.status[version] = VersionStatus(AVAILABLE, mtime=mtime)
+        log.info("model %s: version %d available (%.1fs, %d warmup requests)", name, version,
+                 time.time() - started, warmed)

@@ -76,14 +76,16 @@ def spec_schema(spec):
 
 def _stable_copy(directory: str, prefix: str, text: str) -> str:
     """Write `text` to directory/<prefix>-<sha>/schema.pbtxt once; the content-addressed path keeps caching exact."""
+    from tfx.dsl.io import fileio
+
     sha = hashlib.sha256(text.encode()).hexdigest()[:12]
     path = os.path.join(directory, f"{prefix}-{sha}", "schema.pbtxt")
-    if not os.path.exists(path):
-        os.makedirs(os.path.dirname(path), exist_ok=True)
+    if not fileio.exists(path):
+        fileio.makedirs(os.path.dirname(path))
         tmp = path + ".tmp"
-        with open(tmp, "w") as fh:
+        with fileio.open(tmp, "w") as fh:
             fh.write(text)
-        os.replace(tmp, path)
+        fileio.rename(tmp, path, overwrite=True)
     return path
 
 
@@ -125,11 +127,13 @@ def eval_config(config: PipelineConfig):
     for task in spec.tasks:
         if task.kind == "binary":
             floor = float(ev.auc_floors.get(task.name, ev.auc_floor))
-            auc = tfma.MetricConfig(class_name="AUC", threshold=tfma.MetricThreshold(
-                value_threshold=tfma.GenericValueThreshold(lower_bound={"value": floor}),
-                change_threshold=tfma.GenericChangeThreshold(
-                    direction=tfma.MetricDirection.HIGHER_IS_BETTER,
-                    absolute={"value": -float(ev.max_auc_drop)})))
+            # Thresholds on the overall slice only: small slices have noisy (or undefined) AUCs.
+            auc = tfma.MetricConfig(class_name="AUC", per_slice_thresholds=[tfma.PerSliceMetricThreshold(
+                slicing_specs=[tfma.SlicingSpec()], threshold=tfma.MetricThreshold(
+                    value_threshold=tfma.GenericValueThreshold(lower_bound={"value": floor}),
+                    change_threshold=tfma.GenericChangeThreshold(
+                        direction=tfma.MetricDirection.HIGHER_IS_BETTER,
+                        absolute={"value": -float(ev.max_auc_drop)})))])
             metrics = [tfma.MetricConfig(class_name="ExampleCount"), auc,
                        tfma.MetricConfig(class_name="BinaryCrossEntropy"),
                        tfma.MetricConfig(class_name="Calibration"),
@@ -144,7 +148,7 @@ def eval_config(config: PipelineConfig):
                 if ev.max_rmse_increase is not None:
                     threshold.change_threshold.direction = tfma.MetricDirection.LOWER_IS_BETTER
                     threshold.change_threshold.absolute.value = float(ev.max_rmse_increase)
-                rmse.threshold.CopyFrom(threshold)
+                rmse.per_slice_thresholds.add(threshold=threshold).slicing_specs.add()
             metrics = [tfma.MetricConfig(class_name="ExampleCount"), rmse,
                        tfma.MetricConfig(class_name="MeanSquaredError"),
                        tfma.MetricConfig(class_name="MeanLabel"),
@@ -176,10 +180,12 @@ def create_pipeline(config: PipelineConfig, *, data: str, pipeline_root: str, se
     serving_dir = os.path.abspath(serving_dir) if "://" not in serving_dir else serving_dir
     module_config = config.module_config()
     split = config.split
-    output_config = example_gen_pb2.Output(split_config=example_gen_pb2.SplitConfig(
+    split_config = example_gen_pb2.SplitConfig(
         splits=[example_gen_pb2.SplitConfig.Split(name="train", hash_buckets=int(split.train_buckets)),
-                example_gen_pb2.SplitConfig.Split(name="eval", hash_buckets=int(split.eval_buckets))],
-        partition_feature_name=split.partition_feature or ""))
+                example_gen_pb2.SplitConfig.Split(name="eval", hash_buckets=int(split.eval_buckets))])
+    if split.partition_feature:
+        split_config.partition_feature_name = split.partition_feature
+    output_config = example_gen_pb2.Output(split_config=split_config)
     example_gen = FileBasedExampleGen(
         input_base=input_base,
         input_config=example_gen_pb2.Input(splits=[example_gen_pb2.Input.Split(name="single_split",
@@ -227,7 +233,8 @@ def create_pipeline(config: PipelineConfig, *, data: str, pipeline_root: str, se
 
     evaluator = tfx.components.Evaluator(
         examples=example_gen.outputs["examples"], model=trainer.outputs["model"],
-        baseline_model=baseline.outputs["model"], eval_config=eval_config(config)).with_id(EVALUATOR)
+        baseline_model=baseline.outputs["model"], eval_config=eval_config(config),
+        module_path="pipelines.components.tfma_extractors").with_id(EVALUATOR)
 
     pusher = tfx.components.Pusher(
         model=trainer.outputs["model"], model_blessing=evaluator.outputs["blessing"],

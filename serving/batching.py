@@ -57,6 +57,10 @@ class Batcher:
         for t in self._threads:
             t.start()
 
+    @property
+    def max_batch_size(self) -> int:
+        return self._params.max_batch_size
+
     def run(self, inputs: Dict[str, np.ndarray], size: int) -> Dict[str, np.ndarray]:
         """Blocking call: returns this request's rows of the merged batch's outputs."""
         if size > self._params.max_batch_size:

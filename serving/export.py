@@ -132,6 +132,48 @@ class ServingModule(tf.Module):
                 TRANSFORM_FEATURES: self.transform_examples.get_concrete_function()}
 
 
+# Batch sizes replayed at load time: each is one XLA bucket compiled before the version takes traffic.
+WARMUP_BATCH_SIZES = (1, 8, 32)
+
+
+def _write_warmup_requests(path: str, serving_spec) -> None:
+    """TF Serving's warmup file (assets.extra/tf_serving_warmup_requests): PredictionLogs replayed at load.
+
+    The examples are synthetic (0.0 for numbers, "" for strings, which the
+    transform maps to its out-of-vocabulary bucket): warmup only needs valid
+    inputs, so that the first real requests do not pay for XLA compilation.
+    tensorflow_model_server replays the same file.
+    """
+    from tensorflow_serving.apis import model_pb2, predict_pb2, prediction_log_pb2
+
+    feature = {}
+    for name, parse in serving_spec.items():
+        if parse.dtype == tf.string:
+            feature[name] = tf.train.Feature(bytes_list=tf.train.BytesList(value=[b""]))
+        else:
+            feature[name] = tf.train.Feature(float_list=tf.train.FloatList(value=[0.0]))
+    example = tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString()
+    with tf.io.TFRecordWriter(path) as writer:
+        for size in WARMUP_BATCH_SIZES:
+            request = predict_pb2.PredictRequest(model_spec=model_pb2.ModelSpec(signature_name=SERVING_DEFAULT))
+            request.inputs[EXAMPLES_INPUT].CopyFrom(tf.make_tensor_proto([example] * size, dtype=tf.string))
+            log = prediction_log_pb2.PredictionLog(predict_log=prediction_log_pb2.PredictLog(request=request))
+            writer.write(log.SerializeToString())
+
+
+def _write_extras(extra: str, module: ServingModule, spec, xla: bool) -> None:
+    """assets.extra/: TF Serving's warmup requests and our export description."""
+    import json
+
+    tf.io.gfile.makedirs(extra)
+    _write_warmup_requests(os.path.join(extra, "tf_serving_warmup_requests"), module._serving_spec)
+    with tf.io.gfile.GFile(os.path.join(extra, EXPORT_INFO_FILE), "w") as fh:
+        fh.write(json.dumps({"xla": xla, "tasks": module._task_names,
+                             "task_kinds": {t.name: t.kind for t in spec.tasks}, "outputs": module._output_names,
+                             "features": {k: v.dtype.name for k, v in module._serving_spec.items()},
+                             "dataset": spec.name}, indent=1))
+
+
 def _check_arguments(model, transform_output_dir, spec, export_dir):
     from features.spec import DatasetSpec
 
@@ -148,6 +190,8 @@ def _check_arguments(model, transform_output_dir, spec, export_dir):
         raise FileExistsError(f"{export_dir} already holds a SavedModel; pick a new version directory")
     if os.path.isfile(export_dir):
         raise FileExistsError(f"export_dir {export_dir} is a file")
+    if os.path.isdir(export_dir) and os.listdir(export_dir):
+        raise FileExistsError(f"export_dir {export_dir} exists and is not empty")
     if not os.path.isdir(os.fspath(transform_output_dir)):
         raise FileNotFoundError(f"transform output {transform_output_dir}: no such directory")
     if not os.path.isdir(os.path.join(os.fspath(transform_output_dir), "transform_fn")):
@@ -185,8 +229,6 @@ def export_serving_model(model: keras.Model, transform_output_dir: str, spec, ex
     Returns:
         export_dir.
     """
-    import json
-
     import tensorflow_transform as tft
 
     if not isinstance(xla, bool) or not isinstance(with_gates, bool):
@@ -195,22 +237,21 @@ def export_serving_model(model: keras.Model, transform_output_dir: str, spec, ex
     tft_output = tft.TFTransformOutput(os.fspath(transform_output_dir))
     module = ServingModule(model, tft_output, spec, xla=xla, with_gates=with_gates)
 
+    if "://" in export_dir:
+        # Remote file systems (gs://, s3://) have no atomic rename: write in place with tf.io.gfile.
+        tf.saved_model.save(module, export_dir, signatures=module.signatures())
+        _write_extras(os.path.join(export_dir, "assets.extra"), module, spec, xla)
+        return export_dir
+
     parent = os.path.dirname(os.path.abspath(export_dir))
     os.makedirs(parent, exist_ok=True)
     # Dot-prefixed and non-numeric: TF Serving's and our poller ignore it while it is being written.
     staging = tempfile.mkdtemp(prefix=f".{os.path.basename(os.path.abspath(export_dir))}.tmp-", dir=parent)
     try:
         tf.saved_model.save(module, staging, signatures=module.signatures())
-        extra = os.path.join(staging, "assets.extra")
-        os.makedirs(extra, exist_ok=True)
-        with open(os.path.join(extra, EXPORT_INFO_FILE), "w") as fh:
-            json.dump({"xla": xla, "tasks": module._task_names, "outputs": module._output_names,
-                       "features": {k: v.dtype.name for k, v in module._serving_spec.items()},
-                       "dataset": spec.name}, fh, indent=1)
+        _write_extras(os.path.join(staging, "assets.extra"), module, spec, xla)
         if os.path.isdir(export_dir):
-            if os.listdir(export_dir):
-                raise FileExistsError(f"export_dir {export_dir} exists and is not empty")
-            os.rmdir(export_dir)
+            os.rmdir(export_dir)  # empty (checked above); rename needs it gone
         os.rename(staging, export_dir)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)

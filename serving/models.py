@@ -42,8 +42,18 @@ EXPORT_INFO = os.path.join("assets.extra", "mmoe_export.json")
 
 
 def _first_line(message: str) -> str:
-    # TF errors append graph context ("\n\t [[{{node ...}}]]") that means nothing to a client.
-    text = str(message).split("\n\t [[")[0].split("\n\n")[0].strip()
+    """The part of a TensorFlow error message that names the problem.
+
+    Graph errors read "Graph execution error:\n\nDetected at node ...\n<stack
+    traces unavailable>\n<THE PROBLEM>\n\t [[{{node ...}}]] [Op:...]"; clients
+    only need <THE PROBLEM>.
+    """
+    text = str(message).split("\n\t [[")[0]
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    noise = ("Graph execution error", "Detected at node", "<stack traces unavailable>")
+    lines = [line for line in lines if not line.startswith(noise)] or lines
+    text = " ".join(lines)
+    text = text.replace("Name: <unknown>, ", "")
     return text[:2000]
 
 
@@ -106,12 +116,16 @@ class Servable:
         self.name, self.version, self.path = name, version, path
         self.max_batch = max_batch
         self._tf = tf
+        # Parse first: a corrupt saved_model.pb then fails with a message that says so.
+        saved = loader_impl.parse_saved_model(path)
+        if len(saved.meta_graphs) != 1:
+            raise ValueError(f"{path}/saved_model.pb holds {len(saved.meta_graphs)} MetaGraphs, expected 1 "
+                             f"(corrupt, or not written by tf.saved_model.save)")
+        self.signature_defs = dict(saved.meta_graphs[0].signature_def)
         self._loaded = tf.saved_model.load(path)
         self.signatures = {k: Signature(k, fn) for k, fn in self._loaded.signatures.items()}
         if not self.signatures:
             raise ValueError(f"{path}: the SavedModel has no signatures")
-        saved = loader_impl.parse_saved_model(path)
-        self.signature_defs = dict(saved.meta_graphs[0].signature_def)
         info_path = os.path.join(path, EXPORT_INFO)
         self.export_info = json.load(open(info_path)) if os.path.isfile(info_path) else {}
         self._batchers: Dict[str, Batcher] = {}
@@ -140,6 +154,12 @@ class Servable:
             out = sig.fn(**{k: tf.constant(v, dtype=sig.inputs[k].dtype) for k, v in inputs.items()})
         except tf.errors.InvalidArgumentError as err:
             raise invalid(_first_line(err.message)) from None
+        except UnicodeDecodeError:
+            # TensorFlow echoes the offending value in its message; binary junk then cannot even be
+            # decoded into an error message.  In practice that value is a serialized input.
+            what = ("a serialized tf.Example is malformed" if "examples" in sig.inputs
+                    else "an input value is malformed")
+            raise invalid(f"Could not parse example input: {what} (the error echoed non-UTF-8 bytes)") from None
         except (TypeError, ValueError) as err:
             raise invalid(_first_line(str(err))) from None
         except tf.errors.ResourceExhaustedError as err:
@@ -173,6 +193,7 @@ class Servable:
         from serving.tensors import to_numpy
 
         count = 0
+        first = None
         for record in self._tf.data.TFRecordDataset(path).take(100):
             entry = prediction_log_pb2.PredictionLog.FromString(record.numpy())
             if entry.WhichOneof("log_type") != "predict_log":
@@ -181,7 +202,16 @@ class Servable:
             inputs = {k: to_numpy(v, k, 1 << 24) for k, v in request.inputs.items()}
             sig = self.signature(request.model_spec.signature_name)
             self._call(sig, inputs)  # bypass batching: one call per warmup shape
+            first = first or (sig, inputs)
             count += 1
+        if first is not None and self._batchers and self.export_info.get("xla"):
+            # Merged batches take any size up to max_batch_size; the XLA export pads them to powers of
+            # two, so compile each of those buckets now rather than stall the first batch that hits one.
+            sig, inputs = first
+            size, limit = 1, max(b.max_batch_size for b in self._batchers.values())
+            while size <= limit:
+                self._call(sig, {k: np.resize(v, (size,) + v.shape[1:]) for k, v in inputs.items()})
+                size, count = size * 2, count + 1
         return count
 
     # -- lifetime --------------------------------------------------------------------------------------
@@ -250,6 +280,8 @@ class ModelManager:
 
     def __init__(self, entries: List[ModelEntry], *, batching: Optional[BatchingParameters] = None,
                  max_batch: int = 8192, poll_seconds: float = 1.0, config_path: Optional[str] = None):
+        # Called after every poll (the server updates its health status from ready()).
+        self.on_poll = None
         self._models: Dict[str, _Model] = {e.name: _Model(e) for e in entries}
         self._batching = batching
         self._max_batch = max_batch
@@ -416,6 +448,8 @@ class ModelManager:
                 self._reload_config()
             for model in list(self._models.values()):
                 self._sync(model)
+        if self.on_poll is not None:
+            self.on_poll()
 
     def _sync(self, model: _Model) -> None:
         entry = model.entry
@@ -432,6 +466,10 @@ class ModelManager:
         wanted = entry.policy.select([v for v in on_disk if v not in failed])
         for v in sorted(set(wanted) - set(model.servables), reverse=True):
             self._load(model, v, on_disk[v])
+        # Versions that just failed drop out, so the policy falls back to the next ones already serving.
+        failed = {v for v, s in model.status.items()
+                  if s.error_message and v in on_disk and on_disk[v] == s.mtime}
+        wanted = entry.policy.select([v for v in on_disk if v not in failed])
         with self._lock:
             # Only after the new versions are available: retire what the policy no longer wants.
             keep = set(wanted) & set(model.servables)
@@ -454,10 +492,13 @@ class ModelManager:
         with self._lock:
             model.status[version] = VersionStatus(LOADING, mtime=mtime)
         started = time.time()
+        servable = None
         try:
             servable = Servable(name, version, path, self._batching, self._max_batch)
             warmed = servable.warmup()
         except Exception as err:  # any load failure is reported, never raised into the poller
+            if servable is not None:
+                servable.retire()  # stops its batch threads
             message = _first_line(f"{type(err).__name__}: {err}")
             log.error("model %s: version %d failed to load: %s", name, version, message)
             with self._lock:

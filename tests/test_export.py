@@ -149,6 +149,7 @@ def test_export_without_gates(exports, tmp_path):
     ("transform_not_tft", FileNotFoundError, "not a tf.Transform output"),
     ("existing", FileExistsError, "already holds a SavedModel"),
     ("export_dir", ValueError, "non-empty path"),
+    ("nonempty", FileExistsError, "exists and is not empty"),
     ("xla", TypeError, "booleans"),
     ("other_spec", ValueError, "do not match the spec.s tasks"),
 ])
@@ -167,6 +168,9 @@ def test_bad_arguments_raise_clear_errors(exports, tmp_path, change, error, mess
         kwargs["transform_output_dir"] = str(tmp_path)
     elif change == "existing":
         kwargs["export_dir"] = exports.plain_dir
+    elif change == "nonempty":
+        (tmp_path / "out" / "1").mkdir(parents=True)
+        (tmp_path / "out" / "1" / "notes.txt").write_text("x")
     elif change == "export_dir":
         kwargs["export_dir"] = ""
     elif change == "xla":

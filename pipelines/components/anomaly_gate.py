@@ -8,8 +8,7 @@ raises `DataAnomaliesError` naming every anomalous feature.  The pipeline
 makes Transform depend on it, hence a run with anomalies stops before
 training and pushes nothing; `pipelines.local_runner` reports the features.
 """
-from __future__ import annotations
-
+# No `from __future__ import annotations`: the @component decorator reads the real annotations.
 import os
 from typing import Dict
 

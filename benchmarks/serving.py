@@ -1,0 +1,233 @@
+"""Serving latency and throughput: in-process signature call vs gRPC, XLA and non-XLA exports side by side.
+
+    .venv/bin/python benchmarks/serving.py                 # trains a tiny model first (~1 min)
+    .venv/bin/python benchmarks/serving.py --run runs/census-sample   # a `mmoe train` run directory
+
+For each export (XLA, non-XLA) it measures
+  * the in-process `serving_default` call at batch 1, 32, 256;
+  * gRPC Predict (TF Serving's stub) against `mmoe serve` running in a subprocess, batching off and on:
+    batch 1, 32, 256 with one client, and batch 1 with 8 and 32 concurrent clients;
+and prints p50 / p99 latency (ms) and throughput (examples/s) per cell.
+
+Clients are threads of this process and the server is another process, all on the same cores, so on a small
+machine the numbers include client overhead and contention; they are meant for comparing rows, not as absolutes.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import queue
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import numpy as np  # noqa: E402
+
+TARGETS = """targets (2-core machine): in-process batch-1 < 0.5 ms; gRPC batch-1 p99 < 3 ms (1 client);
+>= 100,000 examples/s at batch 256; 32 batch-1 clients: batching >= 3x the throughput without"""
+
+
+def exports_from_run(run_dir: str, out_dir: str):
+    import keras
+
+    import mmoe  # noqa: F401  (registers the custom layers for load_model)
+    from features.io import read_dataset
+    from features.spec import dataset_spec_from_dict
+    from serving.export import export_serving_model
+
+    config = json.load(open(os.path.join(run_dir, "run_config.json")))
+    spec = dataset_spec_from_dict(config["dataset"])
+    model = keras.models.load_model(os.path.join(run_dir, "model.keras"))
+    transform = os.path.join(run_dir, "transform")
+    xla = export_serving_model(model, transform, spec, os.path.join(out_dir, "xla", "1"), xla=True)
+    plain = export_serving_model(model, transform, spec, os.path.join(out_dir, "plain", "1"), xla=False)
+    files = config.get("train", {}).get("data") or []
+    from features.census import CENSUS_SAMPLE_PATH
+    frame = read_dataset(files[0] if files else CENSUS_SAMPLE_PATH, spec).iloc[:512]
+    return spec, frame, {"xla": xla, "plain": plain}
+
+
+def summarize(latencies, examples, seconds):
+    lat = np.asarray(latencies) * 1e3
+    return {"p50": float(np.percentile(lat, 50)), "p99": float(np.percentile(lat, 99)),
+            "throughput": examples / seconds, "requests": len(lat)}
+
+
+def bench_in_process(export_dir, examples, batch, seconds):
+    import tensorflow as tf
+
+    fn = tf.saved_model.load(export_dir).signatures["serving_default"]
+    arg = tf.constant(examples[:batch])
+    for _ in range(20):
+        fn(examples=arg)
+    latencies = []
+    start = time.perf_counter()
+    while time.perf_counter() - start < seconds and len(latencies) < 100_000:
+        t = time.perf_counter()
+        fn(examples=arg)
+        latencies.append(time.perf_counter() - t)
+    return summarize(latencies, batch * len(latencies), time.perf_counter() - start)
+
+
+def start_server(base, name, batching_file=None):
+    cmd = [sys.executable, "-m", "pipelines.cli", "serve", "--model-base-path", base, "--model-name", name,
+           "--port", "0"]
+    if batching_file:
+        cmd += ["--batching-parameters-file", batching_file]
+    process = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=ROOT,
+                               env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
+    lines: queue.Queue = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(l) for l in process.stdout], daemon=True).start()
+    deadline = time.time() + 300
+    while time.time() < deadline and process.poll() is None:
+        try:
+            line = lines.get(timeout=1)
+        except queue.Empty:
+            continue
+        if line.startswith("serving on "):
+            return process, line.split()[2]
+    process.kill()
+    raise RuntimeError("mmoe serve did not start")
+
+
+def bench_grpc(address, name, examples, batch, clients, seconds):
+    import grpc
+    import tensorflow as tf
+    from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
+
+    request = predict_pb2.PredictRequest()
+    request.model_spec.name = name
+    request.inputs["examples"].CopyFrom(tf.make_tensor_proto(examples[:batch], dtype=tf.string))
+    payload = request.SerializeToString()
+    request = predict_pb2.PredictRequest.FromString(payload)
+    channels = [grpc.insecure_channel(address) for _ in range(min(clients, 4))]
+    stubs = [prediction_service_pb2_grpc.PredictionServiceStub(c) for c in channels]
+    for s in stubs:
+        for _ in range(10):
+            s.Predict(request, timeout=60)
+    results = [[] for _ in range(clients)]
+    errors = []
+    barrier = threading.Barrier(clients + 1)
+    stop = threading.Event()
+
+    def client(i):
+        stub = stubs[i % len(stubs)]
+        barrier.wait()
+        while not stop.is_set():
+            t = time.perf_counter()
+            try:
+                stub.Predict(request, timeout=60)
+            except grpc.RpcError as err:
+                errors.append(err.code())
+                continue
+            results[i].append(time.perf_counter() - t)
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
+    for t in threads:
+        t.start()
+    barrier.wait()
+    start = time.perf_counter()
+    time.sleep(seconds)
+    stop.set()
+    for t in threads:
+        t.join(120)
+    elapsed = time.perf_counter() - start
+    for c in channels:
+        c.close()
+    latencies = [x for r in results for x in r]
+    out = summarize(latencies, batch * len(latencies), elapsed)
+    out["errors"] = len(errors)
+    return out
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--run", help="a `mmoe train` output directory (default: train a tiny model)")
+    parser.add_argument("--seconds", type=float, default=3.0, help="measuring time per cell")
+    parser.add_argument("--batch-timeout-micros", type=int, default=2000)
+    parser.add_argument("--max-batch-size", type=int, default=256)
+    parser.add_argument("--json", help="also write the results here")
+    args = parser.parse_args(argv)
+
+    from serving.testing import example_bytes
+
+    work = tempfile.mkdtemp(prefix="serving-bench-")
+    try:
+        if args.run:
+            spec, frame, dirs = exports_from_run(args.run, work)
+        else:
+            from serving.testing import tiny_exports
+            tiny = tiny_exports(work)
+            spec, frame, dirs = tiny.spec, tiny.frame, {"xla": tiny.xla_dir, "plain": tiny.plain_dir}
+        examples = example_bytes(frame, spec)
+        while len(examples) < 256:
+            examples = examples + examples
+        batching_file = os.path.join(work, "batching.config")
+        with open(batching_file, "w") as fh:
+            fh.write(f"max_batch_size {{ value: {args.max_batch_size} }}\n"
+                     f"batch_timeout_micros {{ value: {args.batch_timeout_micros} }}\n"
+                     f"max_enqueued_batches {{ value: 1000 }}\nnum_batch_threads {{ value: 2 }}\n")
+
+        rows = []  # (mode, batch, clients, export, result)
+        for export, path in dirs.items():
+            for batch in (1, 32, 256):
+                rows.append(("in-process", batch, 1, export, bench_in_process(path, examples, batch, args.seconds)))
+                print(".", end="", flush=True)
+            for batching in (False, True):
+                process, address = start_server(os.path.dirname(path), export,
+                                                batching_file if batching else None)
+                try:
+                    mode = "grpc batching" if batching else "grpc"
+                    for batch, clients in ((1, 1), (32, 1), (256, 1), (1, 8), (1, 32)):
+                        rows.append((mode, batch, clients, export,
+                                     bench_grpc(address, export, examples, batch, clients, args.seconds)))
+                        print(".", end="", flush=True)
+                finally:
+                    process.terminate()
+                    process.wait(60)
+        print()
+        print_table(rows)
+        if args.json:
+            with open(args.json, "w") as fh:
+                json.dump([{"mode": m, "batch": b, "clients": c, "export": e, **r} for m, b, c, e, r in rows], fh,
+                          indent=1)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+def print_table(rows):
+    cells = {}
+    for mode, batch, clients, export, result in rows:
+        cells[(mode, batch, clients, export)] = result
+    keys = sorted({(m, b, c) for m, b, c, _ in cells}, key=lambda k: (k[0], k[2], k[1]))
+    header = f"{'mode':<14}{'batch':>6}{'clients':>8} | " + " | ".join(
+        f"{e + ' p50':>10}{'p99':>8}{'ex/s':>10}" for e in ("xla", "plain"))
+    print(header)
+    print("-" * len(header))
+    for mode, batch, clients in keys:
+        parts = []
+        for export in ("xla", "plain"):
+            r = cells.get((mode, batch, clients, export))
+            parts.append(f"{r['p50']:>10.3f}{r['p99']:>8.3f}{r['throughput']:>10,.0f}" if r else " " * 28)
+        print(f"{mode:<14}{batch:>6}{clients:>8} | " + " | ".join(parts))
+    for export in ("xla", "plain"):
+        off = cells.get(("grpc", 1, 32, export))
+        on = cells.get(("grpc batching", 1, 32, export))
+        if off and on:
+            print(f"{export}: 32 batch-1 clients, batching on/off throughput = {on['throughput'] / off['throughput']:.2f}x")
+    errors = sum(r.get("errors", 0) for *_, r in rows)
+    print(f"failed requests: {errors}")
+    print(TARGETS)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,114 @@
+"""`mmoe pipeline run`: the TFX pipeline from the command line (registered by pipelines/cli.py).
+
+    mmoe pipeline run --data FILE_OR_DIR [--config FILE] [--pipeline-root DIR] [--serving-dir DIR]
+                      [--train-steps N] [--schema FILE] [--tune] [-- BEAM ARGS...]
+    mmoe pipeline run --data gs://... --compile kubeflow --output spec.json --image IMAGE
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import warnings
+
+DEFAULT_PIPELINE_ROOT = os.path.join("runs", "pipeline")
+DEFAULT_SERVING_DIR = os.path.join("runs", "serving")
+
+EXIT_STOPPED = 1  # anomalies or a failed component
+
+
+def add_commands(subparsers) -> None:
+    pipeline = subparsers.add_parser("pipeline", help="the TFX batch training pipeline")
+    sub = pipeline.add_subparsers(dest="pipeline_command", required=True)
+    run = sub.add_parser(
+        "run", help="run the TFX pipeline locally (or compile it for Kubeflow)",
+        description="ExampleGen -> StatisticsGen -> SchemaGen -> ExampleValidator -> Transform -> [Tuner] -> "
+                    "Trainer -> Evaluator -> Pusher, on LocalDagRunner with a SQLite ML Metadata store and Beam's "
+                    "DirectRunner (multi-process).  Unchanged inputs reuse cached results, so a killed run "
+                    "completes when started again.  Arguments after `--` go to Beam unchanged "
+                    "(e.g. -- --runner=FlinkRunner --flink_master=HOST:8081).")
+    run.add_argument("--data", required=True, metavar="FILE_OR_DIR",
+                     help="a data file in the dataset spec's layout (the UCI census files as they are), or a "
+                          "directory of such files")
+    source = run.add_mutually_exclusive_group()
+    source.add_argument("--config", metavar="FILE",
+                        help="pipeline config (YAML/JSON: dataset, model, train, split, evaluation, tuner, "
+                             "beam_args; see pipelines/configs.py) or a bare dataset spec")
+    source.add_argument("--task-group", type=int, choices=[1, 2], default=None,
+                        help="census task group when no --config is given (default 1)")
+    run.add_argument("--pipeline-root", default=DEFAULT_PIPELINE_ROOT, metavar="DIR",
+                     help=f"artifacts and the ML Metadata store (default {DEFAULT_PIPELINE_ROOT})")
+    run.add_argument("--serving-dir", default=DEFAULT_SERVING_DIR, metavar="DIR",
+                     help=f"blessed models go to DIR/<model_name>/<version> (default {DEFAULT_SERVING_DIR})")
+    run.add_argument("--metadata", metavar="FILE", help="SQLite ML Metadata file (default PIPELINE_ROOT/metadata.sqlite)")
+    run.add_argument("--train-steps", type=int, help="training steps (default from the config: 2000)")
+    run.add_argument("--eval-steps", type=int, help="validation steps per epoch (default: the whole eval split)")
+    run.add_argument("--schema", metavar="FILE", help="curated schema (text proto) to validate against instead of "
+                                                       "the one derived from the dataset spec")
+    run.add_argument("--tune", action="store_true", help="add the Tuner (keras-tuner random search)")
+    run.add_argument("--no-cache", action="store_true", help="run every component even if its inputs are unchanged")
+    run.add_argument("--model-name", help="TF Serving model name (default from the config: mmoe)")
+    run.add_argument("--compile", choices=["kubeflow"], help="write a Kubeflow Pipelines v2 / Vertex AI spec "
+                                                              "instead of running")
+    run.add_argument("--output", default="mmoe_pipeline.json", help="spec file for --compile")
+    run.add_argument("--image", default=None, help="container image for --compile (holds this repository)")
+    run.add_argument("beam_args", nargs=argparse.REMAINDER, help="after `--`: Beam pipeline arguments")
+    run.set_defaults(func=cmd_pipeline_run)
+
+
+def config_from_args(args):
+    from pipelines.configs import load_config_file, make_config
+
+    data = load_config_file(args.config) if args.config else {}
+    if args.task_group is not None:
+        data["dataset"] = {"task_group": args.task_group}
+    config = make_config(data)
+    if args.train_steps is not None or args.eval_steps is not None:
+        train = config.train
+        if args.train_steps is not None:
+            train.train_steps = args.train_steps
+        if args.eval_steps is not None:
+            train.eval_steps = args.eval_steps
+        train.__post_init__()
+    if args.tune:
+        config.tuner.enabled = True
+    if args.model_name:
+        config.model_name = args.model_name
+        config.__post_init__()
+    beam_args = list(args.beam_args or [])
+    if beam_args and beam_args[0] == "--":
+        beam_args = beam_args[1:]
+    if beam_args:
+        config.beam_args = beam_args
+    return config
+
+
+def cmd_pipeline_run(args) -> int:
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    config = config_from_args(args)
+    remote = args.data.startswith(("gs://", "s3://"))
+    if not remote and not os.path.exists(args.data):
+        raise FileNotFoundError(f"--data {args.data}: no such file or directory")
+    if args.compile == "kubeflow":
+        from pipelines.kubeflow_runner import DEFAULT_IMAGE, compile_kubeflow, component_names
+
+        path = compile_kubeflow(config, data=args.data, pipeline_root=args.pipeline_root,
+                                serving_dir=args.serving_dir, output=args.output, image=args.image or DEFAULT_IMAGE,
+                                schema_file=args.schema)
+        print(f"wrote {path}: Kubeflow Pipelines v2 spec with components {', '.join(component_names(path))}")
+        return 0
+
+    from pipelines.local_runner import format_summary, run_local
+
+    print(f"pipeline {config.pipeline_name}: data {args.data}, root {args.pipeline_root}, "
+          f"serving {args.serving_dir}, {config.train.train_steps} train steps, "
+          f"beam {' '.join(config.beam_args)}", flush=True)
+    summary = run_local(config, data=args.data, pipeline_root=args.pipeline_root, serving_dir=args.serving_dir,
+                        metadata_path=args.metadata, schema_file=args.schema, enable_cache=not args.no_cache,
+                        echo=lambda line: print(line, flush=True))
+    print(format_summary(summary, config.spec.task_names))
+    if summary.error:
+        print(f"error: {summary.error}", file=sys.stderr)
+        return EXIT_STOPPED
+    return 0

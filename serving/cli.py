@@ -1,0 +1,124 @@
+"""`mmoe serve` and `mmoe predict` (registered by pipelines/cli.py through add_commands)."""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+
+def add_commands(subparsers) -> None:
+    serve = subparsers.add_parser(
+        "serve", help="serve exported models over gRPC (TF Serving's protocol)",
+        description="Serve SavedModels written by serving.export (or any TF2 SavedModel) over gRPC with TF "
+                    "Serving's PredictionService, ModelService and grpc.health.v1. Polls the base path(s): new "
+                    "versions load, removed ones unload.")
+    source = serve.add_argument_group("models (either --model-base-path and --model-name, or --model-config-file)")
+    source.add_argument("--model-base-path", metavar="DIR", help="directory holding numbered version directories")
+    source.add_argument("--model-name", metavar="NAME", help="name clients use in model_spec.name")
+    source.add_argument("--model-config-file", metavar="FILE",
+                        help="TF Serving ModelServerConfig in text format (several models, version policies, "
+                             "labels); re-read when it changes")
+    serve.add_argument("--port", type=int, default=8500)
+    serve.add_argument("--host", default="127.0.0.1", help="interface to bind (0.0.0.0 for all)")
+    serve.add_argument("--enable-batching", action="store_true", help="server-side batching with default parameters")
+    serve.add_argument("--batching-parameters-file", metavar="FILE",
+                       help="TF Serving BatchingParameters text file (implies --enable-batching)")
+    serve.add_argument("--file-system-poll-wait-seconds", type=float, default=1.0)
+    serve.add_argument("--max-request-batch", type=int, default=8192,
+                       help="largest batch one request may carry (bigger: RESOURCE_EXHAUSTED)")
+    serve.add_argument("--ssl-cert", metavar="PEM", help="server certificate (with --ssl-key: TLS)")
+    serve.add_argument("--ssl-key", metavar="PEM", help="server private key")
+    serve.add_argument("--grpc-threads", type=int, default=64)
+    serve.add_argument("--drain-seconds", type=float, default=10.0,
+                       help="on SIGTERM, how long in-flight requests may take to finish")
+    serve.set_defaults(func=cmd_serve)
+
+    predict = subparsers.add_parser(
+        "predict", help="score CSV rows against a running server",
+        description="Send the rows of a CSV (header naming the raw features) to the predict_raw signature and "
+                    "print one score per task and row.")
+    predict.add_argument("--server", required=True, metavar="HOST:PORT")
+    predict.add_argument("--model", required=True, metavar="NAME")
+    pin = predict.add_mutually_exclusive_group()
+    pin.add_argument("--version", type=int)
+    pin.add_argument("--label")
+    predict.add_argument("--csv", required=True, metavar="ROWS.csv")
+    predict.add_argument("--ca-cert", metavar="PEM", help="trust this certificate (TLS)")
+    predict.add_argument("--server-name", help="TLS name to check in the server certificate")
+    predict.add_argument("--timeout", type=float, default=30.0)
+    predict.set_defaults(func=cmd_predict)
+
+
+def _read(path: str, what: str) -> bytes:
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{what} {path}: no such file")
+    with open(path, "rb") as fh:
+        return fh.read()
+
+
+def build_server(args):
+    """The Server an `mmoe serve` command line describes (not started)."""
+    from serving.config import BatchingParameters, ModelEntry, load_batching_parameters, load_model_config
+    from serving.models import ModelManager
+    from serving.server import Server
+
+    if args.model_config_file:
+        if args.model_base_path or args.model_name:
+            raise ValueError("give --model-config-file or --model-base-path/--model-name, not both")
+        entries = load_model_config(args.model_config_file)
+    else:
+        if not (args.model_base_path and args.model_name):
+            raise ValueError("--model-base-path and --model-name are required (or --model-config-file)")
+        if not os.path.isdir(args.model_base_path):
+            raise FileNotFoundError(f"--model-base-path {args.model_base_path}: no such directory")
+        entries = [ModelEntry(args.model_name, os.path.abspath(args.model_base_path))]
+    batching = load_batching_parameters(args.batching_parameters_file)
+    if batching is None and args.enable_batching:
+        batching = BatchingParameters()
+    if args.max_request_batch < 1:
+        raise ValueError(f"--max-request-batch must be >= 1, got {args.max_request_batch}")
+    if not 0 <= args.port <= 65535:
+        raise ValueError(f"--port must be in 0..65535, got {args.port}")
+    cert = key = None
+    if args.ssl_cert or args.ssl_key:
+        if not (args.ssl_cert and args.ssl_key):
+            raise ValueError("TLS needs both --ssl-cert and --ssl-key")
+        cert, key = _read(args.ssl_cert, "--ssl-cert"), _read(args.ssl_key, "--ssl-key")
+    manager = ModelManager(entries, batching=batching, max_batch=args.max_request_batch,
+                           poll_seconds=args.file_system_poll_wait_seconds, config_path=args.model_config_file)
+    return Server(manager, host=args.host, port=args.port, certificate=cert, private_key=key,
+                  max_workers=args.grpc_threads)
+
+
+def cmd_serve(args) -> int:
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    server = build_server(args)
+    server.install_signal_handlers(args.drain_seconds)
+    server.start()
+    for name in server.manager.model_names:
+        for version, status in server.manager.statuses(name):
+            print(f"model {name} version {version}: "
+                  f"{'AVAILABLE' if status.state == 30 else 'FAILED: ' + status.error_message}", flush=True)
+    print(f"serving on {server.host}:{server.port} ({'TLS' if args.ssl_cert else 'plaintext'})", flush=True)
+    server.wait()
+    print("server stopped", flush=True)
+    return 0
+
+
+def cmd_predict(args) -> int:
+    import grpc
+
+    from serving.client import ModelClient, format_scores
+
+    root = _read(args.ca_cert, "--ca-cert") if args.ca_cert else None
+    try:
+        with ModelClient(args.server, root_certificates=root, server_name=args.server_name,
+                         timeout=args.timeout) as client:
+            scores = client.predict_csv(args.model, args.csv, version=args.version, label=args.label)
+    except grpc.RpcError as err:
+        print(f"error: {err.code().name}: {err.details()}", file=sys.stderr)
+        return 1
+    print(format_scores(scores))
+    return 0

@@ -1,0 +1,153 @@
+"""A small Python client for the model server (or tensorflow_model_server: same protocol).
+
+    from serving.client import ModelClient
+    with ModelClient("127.0.0.1:8500") as client:
+        scores = client.predict_csv("census", "rows.csv")            # {"income": array, "marital": array, ...}
+        scores = client.predict_examples("census", serialized_examples, label="stable")
+
+`predict_csv` needs no dataset spec: it asks the server for the
+`predict_raw` signature (GetModelMetadata) and converts each CSV column to
+the dtype that signature declares.
+"""
+from __future__ import annotations
+
+import csv
+from typing import Dict, Iterable, List, Optional, Sequence
+
+import grpc
+import numpy as np
+from tensorflow_serving.apis import (get_model_metadata_pb2, get_model_status_pb2, model_service_pb2_grpc,
+                                     predict_pb2, prediction_service_pb2_grpc)
+
+from serving.tensors import to_numpy, to_proto
+
+MISSING_VALUES = ("", "?", "NA", "nan", "NaN")
+
+
+def channel(target: str, root_certificates: Optional[bytes] = None, server_name: Optional[str] = None):
+    """Insecure channel, or TLS trusting `root_certificates` (PEM) when given."""
+    options = [("grpc.max_receive_message_length", 64 * 1024 * 1024),
+               ("grpc.max_send_message_length", 64 * 1024 * 1024)]
+    if root_certificates is None:
+        return grpc.insecure_channel(target, options=options)
+    if server_name:
+        options.append(("grpc.ssl_target_name_override", server_name))
+    return grpc.secure_channel(target, grpc.ssl_channel_credentials(root_certificates=root_certificates), options)
+
+
+class ModelClient:
+    def __init__(self, target: str, *, root_certificates: Optional[bytes] = None, server_name: Optional[str] = None,
+                 timeout: float = 30.0):
+        self.channel = channel(target, root_certificates, server_name)
+        self.predictions = prediction_service_pb2_grpc.PredictionServiceStub(self.channel)
+        self.models = model_service_pb2_grpc.ModelServiceStub(self.channel)
+        self.timeout = timeout
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def close(self) -> None:
+        self.channel.close()
+
+    @staticmethod
+    def _spec(spec, model: str, version: Optional[int], label: Optional[str], signature: str = "") -> None:
+        if version is not None and label:
+            raise ValueError("give a version or a label, not both")
+        spec.name = model
+        if version is not None:
+            spec.version.value = int(version)
+        if label:
+            spec.version_label = label
+        if signature:
+            spec.signature_name = signature
+
+    def predict(self, model: str, inputs: Dict[str, np.ndarray], *, signature: str = "serving_default",
+                version: Optional[int] = None, label: Optional[str] = None,
+                output_filter: Sequence[str] = ()) -> Dict[str, np.ndarray]:
+        request = predict_pb2.PredictRequest(output_filter=list(output_filter))
+        self._spec(request.model_spec, model, version, label, signature)
+        for name, value in inputs.items():
+            request.inputs[name].CopyFrom(to_proto(np.asarray(value)))
+        response = self.predictions.Predict(request, timeout=self.timeout)
+        return {k: to_numpy(v, k, 1 << 30) for k, v in response.outputs.items()}
+
+    def predict_examples(self, model: str, examples: Iterable[bytes], **kwargs) -> Dict[str, np.ndarray]:
+        """serving_default on serialized tf.Examples."""
+        return self.predict(model, {"examples": np.array(list(examples), dtype=object)}, **kwargs)
+
+    def raw_inputs(self, model: str, version: Optional[int] = None, label: Optional[str] = None) -> Dict[str, str]:
+        """predict_raw's inputs: name -> "DT_FLOAT" | "DT_STRING" (from GetModelMetadata)."""
+        from tensorflow.core.framework import types_pb2
+
+        request = get_model_metadata_pb2.GetModelMetadataRequest(metadata_field=["signature_def"])
+        self._spec(request.model_spec, model, version, label)
+        response = self.predictions.GetModelMetadata(request, timeout=self.timeout)
+        sig_map = get_model_metadata_pb2.SignatureDefMap()
+        response.metadata["signature_def"].Unpack(sig_map)
+        if "predict_raw" not in sig_map.signature_def:
+            raise ValueError(f"model {model!r} has no predict_raw signature (not exported by serving.export)")
+        return {name: types_pb2.DataType.Name(info.dtype)
+                for name, info in sig_map.signature_def["predict_raw"].inputs.items()}
+
+    def predict_csv(self, model: str, path: str, *, version: Optional[int] = None, label: Optional[str] = None,
+                    output_filter: Sequence[str] = ()) -> Dict[str, np.ndarray]:
+        """Scores every row of a CSV with a header row naming (at least) the model's raw features."""
+        columns = self.raw_inputs(model, version, label)
+        inputs = read_csv_columns(path, columns)
+        return self.predict(model, inputs, signature="predict_raw", version=version, label=label,
+                            output_filter=output_filter)
+
+    def status(self, model: str, version: Optional[int] = None, label: Optional[str] = None):
+        request = get_model_status_pb2.GetModelStatusRequest()
+        self._spec(request.model_spec, model, version, label)
+        return self.models.GetModelStatus(request, timeout=self.timeout)
+
+
+def read_csv_columns(path: str, dtypes: Dict[str, str]) -> Dict[str, np.ndarray]:
+    """CSV (header row) -> one array per wanted column: float32 for DT_FLOAT (missing -> NaN), bytes otherwise."""
+    try:
+        with open(path, newline="") as fh:
+            reader = csv.reader(fh)
+            header = next(reader, None)
+            rows = [r for r in reader if r]
+    except FileNotFoundError:
+        raise FileNotFoundError(f"--csv {path}: no such file") from None
+    if not header:
+        raise ValueError(f"{path}: empty file; expected a header row naming the model's features")
+    header = [h.strip() for h in header]
+    missing = sorted(set(dtypes) - set(header))
+    if missing:
+        raise ValueError(f"{path}: missing column(s) {missing} needed by the model")
+    if not rows:
+        raise ValueError(f"{path}: no data rows")
+    index = {name: header.index(name) for name in dtypes}
+    out = {}
+    for name, dtype in dtypes.items():
+        i = index[name]
+        values = []
+        for line, row in enumerate(rows, start=2):
+            if len(row) != len(header):
+                raise ValueError(f"{path}:{line}: {len(row)} fields, the header has {len(header)}")
+            values.append(row[i].strip())
+        if dtype == "DT_FLOAT":
+            try:
+                out[name] = np.array([np.nan if v in MISSING_VALUES else float(v) for v in values], np.float32)
+            except ValueError as err:
+                raise ValueError(f"{path}: column {name!r} must be numeric: {err}") from None
+        else:
+            out[name] = np.array([v.encode() for v in values], dtype=object)
+    return out
+
+
+def format_scores(scores: Dict[str, np.ndarray], tasks: Optional[List[str]] = None) -> str:
+    """One line per row: the row number and each task's score (gate outputs left out)."""
+    tasks = tasks or [k for k, v in scores.items() if np.ndim(v) == 1]
+    tasks = sorted(tasks)
+    lines = ["row\t" + "\t".join(tasks)]
+    n = len(scores[tasks[0]]) if tasks else 0
+    for i in range(n):
+        lines.append(f"{i}\t" + "\t".join(f"{float(scores[t][i]):.6f}" for t in tasks))
+    return "\n".join(lines)

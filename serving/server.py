@@ -1,0 +1,273 @@
+"""A gRPC model server speaking TF Serving's protocol.
+
+Implements `tensorflow.serving.PredictionService` (Predict, Classify,
+Regress, GetModelMetadata) and `tensorflow.serving.ModelService`
+(GetModelStatus) with the protos and servicer bases from
+tensorflow-serving-api, so TF Serving's own `PredictionServiceStub` works
+unchanged, plus the standard `grpc.health.v1.Health` service.
+
+Every handler turns problems into a gRPC status with a message naming the
+problem (see `serving.tensors.ServingError`); an unexpected exception becomes
+INTERNAL and is logged, never a crash.
+
+Classify and Regress pick a task head with `model_spec.signature_name`:
+empty or `serving_default` means the first binary head (Classify) or the
+first head (Regress); otherwise it names the task (e.g. `marital`).  A binary
+head classifies into classes "0" and "1" with scores 1-p and p.
+"""
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from concurrent import futures
+from typing import Optional
+
+import grpc
+import numpy as np
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from tensorflow_serving.apis import (classification_pb2, get_model_metadata_pb2, get_model_status_pb2,
+                                     model_service_pb2_grpc, predict_pb2, prediction_service_pb2_grpc,
+                                     regression_pb2)
+
+from serving.models import ModelManager, Servable
+from serving.tensors import ServingError, invalid, to_numpy, to_proto
+
+log = logging.getLogger("mmoe.serving")
+
+PREDICTION_SERVICE = "tensorflow.serving.PredictionService"
+MODEL_SERVICE = "tensorflow.serving.ModelService"
+DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+# Caps the values one request may hold before anything is allocated (see tensors.to_numpy).
+MAX_VALUES_PER_INPUT = 1 << 24
+
+
+def _spec_version(model_spec):
+    return model_spec.version.value if model_spec.HasField("version") else None
+
+
+def _fill_spec(out_spec, servable: Servable, signature_name: Optional[str]):
+    out_spec.name = servable.name
+    out_spec.version.value = servable.version
+    if signature_name is not None:
+        out_spec.signature_name = signature_name
+
+
+def _handle(fn):
+    """Runs a handler; ServingError -> its status, anything else -> INTERNAL (logged)."""
+    def wrapper(self, request, context):
+        try:
+            return fn(self, request, context)
+        except ServingError as err:
+            context.abort(err.code, err.message)
+        except Exception as err:  # the server must survive any request
+            log.exception("%s failed", fn.__name__)
+            context.abort(grpc.StatusCode.INTERNAL, f"{type(err).__name__}: {err}")
+    wrapper.__name__ = fn.__name__
+    wrapper.__doc__ = fn.__doc__
+    return wrapper
+
+
+class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
+    def __init__(self, manager: ModelManager):
+        self.manager = manager
+
+    def _resolve(self, model_spec):
+        if not model_spec.name:
+            raise invalid("model_spec.name is empty; models: " + ", ".join(self.manager.model_names))
+        return self.manager.use(model_spec.name, _spec_version(model_spec), model_spec.version_label)
+
+    @_handle
+    def Predict(self, request, context):
+        """Runs a signature (default serving_default) on the request's named input tensors."""
+        inputs = {}
+        for name, proto in request.inputs.items():
+            inputs[name] = to_numpy(proto, name, MAX_VALUES_PER_INPUT)
+        if not inputs:
+            raise invalid("the request has no inputs")
+        with self._resolve(request.model_spec) as servable:
+            sig, outputs = servable.run(request.model_spec.signature_name, inputs, list(request.output_filter))
+            response = predict_pb2.PredictResponse()
+            _fill_spec(response.model_spec, servable, sig.name)
+        for name, value in outputs.items():
+            response.outputs[name].CopyFrom(to_proto(value))
+        return response
+
+    def _examples(self, request_input) -> np.ndarray:
+        kind = request_input.WhichOneof("kind")
+        if kind == "example_list":
+            examples = [e.SerializeToString() for e in request_input.example_list.examples]
+        elif kind == "example_list_with_context":
+            context_example = request_input.example_list_with_context.context
+            examples = []
+            for e in request_input.example_list_with_context.examples:
+                merged = type(e)()
+                merged.CopyFrom(context_example)
+                merged.MergeFrom(e)  # the example's own features win over the context's
+                examples.append(merged.SerializeToString())
+        else:
+            raise invalid("the request's input holds no example_list or example_list_with_context")
+        if not examples:
+            raise invalid("empty batch: the request holds no examples")
+        return np.array(examples, dtype=object)
+
+    def _head(self, servable: Servable, signature_name: str, kind: Optional[str]) -> str:
+        kinds = servable.export_info.get("task_kinds")
+        if not kinds:
+            raise ServingError(grpc.StatusCode.FAILED_PRECONDITION,
+                               f"model {servable.name!r} version {servable.version} has no task heads recorded "
+                               f"(not exported by serving.export); use Predict")
+        if signature_name in ("", "serving_default"):
+            for task, task_kind in kinds.items():
+                if kind is None or task_kind == kind:
+                    return task
+            raise ServingError(grpc.StatusCode.FAILED_PRECONDITION,
+                               f"model {servable.name!r} has no {kind} head; heads: {kinds}")
+        if signature_name not in kinds:
+            raise invalid(f"signature_name {signature_name!r} names no task head of model {servable.name!r}; "
+                          f"heads: {sorted(kinds)}")
+        if kind is not None and kinds[signature_name] != kind:
+            raise ServingError(grpc.StatusCode.FAILED_PRECONDITION,
+                               f"head {signature_name!r} is a {kinds[signature_name]} head, not {kind}; "
+                               f"use Regress" if kind == "binary" else "use Classify")
+        return signature_name
+
+    @_handle
+    def Classify(self, request, context):
+        """Scores tf.Examples with one binary head: classes "0" and "1"."""
+        examples = self._examples(request.input)
+        with self._resolve(request.model_spec) as servable:
+            head = self._head(servable, request.model_spec.signature_name, "binary")
+            _, outputs = servable.run("serving_default", {"examples": examples}, [head])
+            response = classification_pb2.ClassificationResponse()
+            _fill_spec(response.model_spec, servable, head)
+        for p in outputs[head].astype(float):
+            result = response.result.classifications.add()
+            result.classes.add(label="0", score=1.0 - p)
+            result.classes.add(label="1", score=p)
+        return response
+
+    @_handle
+    def Regress(self, request, context):
+        """Scores tf.Examples with one head (the probability for a binary head)."""
+        examples = self._examples(request.input)
+        with self._resolve(request.model_spec) as servable:
+            head = self._head(servable, request.model_spec.signature_name, None)
+            _, outputs = servable.run("serving_default", {"examples": examples}, [head])
+            response = regression_pb2.RegressionResponse()
+            _fill_spec(response.model_spec, servable, head)
+        for value in outputs[head].astype(float):
+            response.result.regressions.add(value=value)
+        return response
+
+    @_handle
+    def GetModelMetadata(self, request, context):
+        """Signature defs of one version (metadata_field must be ["signature_def"], as in TF Serving)."""
+        fields = list(request.metadata_field)
+        if fields != ["signature_def"]:
+            raise invalid(f"metadata_field must be ['signature_def'], got {fields}")
+        with self._resolve(request.model_spec) as servable:
+            response = get_model_metadata_pb2.GetModelMetadataResponse()
+            _fill_spec(response.model_spec, servable, None)
+            sig_map = get_model_metadata_pb2.SignatureDefMap()
+            for key, sig_def in servable.signature_defs.items():
+                sig_map.signature_def[key].CopyFrom(sig_def)
+        response.metadata["signature_def"].Pack(sig_map)
+        return response
+
+
+class ModelService(model_service_pb2_grpc.ModelServiceServicer):
+    def __init__(self, manager: ModelManager):
+        self.manager = manager
+
+    @_handle
+    def GetModelStatus(self, request, context):
+        """State of every version of a model (or of one version/label), with load errors."""
+        spec = request.model_spec
+        if not spec.name:
+            raise invalid("model_spec.name is empty")
+        response = get_model_status_pb2.GetModelStatusResponse()
+        for version, status in self.manager.statuses(spec.name, _spec_version(spec), spec.version_label):
+            entry = response.model_version_status.add(version=version, state=status.state)
+            entry.status.error_code = status.error_code
+            entry.status.error_message = status.error_message
+        return response
+
+    @_handle
+    def HandleReloadConfigRequest(self, request, context):
+        raise ServingError(grpc.StatusCode.UNIMPLEMENTED,
+                           "reload the config by editing --model-config-file; the server polls it")
+
+
+class Server:
+    """The gRPC server, its model manager and its health service.
+
+    `start()` loads the models (first poll) and starts serving; `stop(grace)`
+    refuses new RPCs, lets in-flight ones finish within `grace` seconds, then
+    stops polling and batching.
+    """
+
+    def __init__(self, manager: ModelManager, *, host: str = "127.0.0.1", port: int = 8500,
+                 certificate: Optional[bytes] = None, private_key: Optional[bytes] = None,
+                 max_workers: int = 64, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES):
+        if (certificate is None) != (private_key is None):
+            raise ValueError("TLS needs both a certificate and a private key")
+        self.manager = manager
+        options = [("grpc.max_receive_message_length", max_message_bytes),
+                   ("grpc.max_send_message_length", max_message_bytes),
+                   ("grpc.so_reuseport", 0)]
+        self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="grpc"),
+                                   options=options, maximum_concurrent_rpcs=max_workers * 4)
+        prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(PredictionService(manager),
+                                                                            self._server)
+        model_service_pb2_grpc.add_ModelServiceServicer_to_server(ModelService(manager), self._server)
+        self.health = health.HealthServicer(experimental_non_blocking=True)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
+        address = f"{host}:{port}"
+        if certificate is not None:
+            creds = grpc.ssl_server_credentials([(private_key, certificate)])
+            self.port = self._server.add_secure_port(address, creds)
+        else:
+            self.port = self._server.add_insecure_port(address)
+        if self.port == 0:
+            raise OSError(f"cannot bind {address}")
+        self.host = host
+        self._stopped = threading.Event()
+        self._done = threading.Event()
+
+    def _set_health(self, serving: bool) -> None:
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        for service in ("", PREDICTION_SERVICE, MODEL_SERVICE):
+            self.health.set(service, status)
+
+    def start(self) -> "Server":
+        self._set_health(False)
+        self._server.start()
+        # SERVING once every configured model has an available version, NOT_SERVING while one has none.
+        self.manager.on_poll = lambda: None if self._stopped.is_set() else self._set_health(self.manager.ready())
+        self.manager.start()
+        return self
+
+    def stop(self, grace: float = 10.0) -> None:
+        if self._stopped.is_set():
+            return
+        self._stopped.set()
+        self._set_health(False)
+        # stop() refuses new RPCs at once and waits for in-flight ones up to `grace`.
+        self._server.stop(grace).wait()
+        self.manager.stop()
+        self._done.set()
+
+    def wait(self) -> None:
+        """Blocks until stop() has drained the requests and stopped the model manager."""
+        self._server.wait_for_termination()
+        self._stopped.wait()
+        self._done.wait()
+
+    def install_signal_handlers(self, grace: float = 10.0) -> None:
+        """SIGTERM / SIGINT: drain in-flight requests, then return from wait()."""
+        def handler(signum, frame):
+            log.info("signal %d: draining in-flight requests (up to %.0fs)", signum, grace)
+            threading.Thread(target=self.stop, args=(grace,), daemon=True).start()
+        signal.signal(signal.SIGTERM, handler)
+        signal.signal(signal.SIGINT, handler)

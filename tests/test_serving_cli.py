@@ -1,0 +1,195 @@
+"""TLS, `mmoe serve` as a process (SIGTERM drains in-flight requests), `mmoe predict`, and CLI errors."""
+import datetime
+import ipaddress
+import os
+import queue
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import grpc
+import numpy as np
+import pytest
+
+tf = pytest.importorskip("tensorflow")
+
+from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc  # noqa: E402
+
+from pipelines.cli import main  # noqa: E402
+from serving.client import ModelClient, read_csv_columns  # noqa: E402
+from serving.config import ModelEntry  # noqa: E402
+from serving.models import ModelManager  # noqa: E402
+from serving.server import Server  # noqa: E402
+from serving.testing import example_bytes, tiny_exports  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def exports(tmp_path_factory):
+    return tiny_exports(str(tmp_path_factory.getbasetemp() / "serving-exports"))
+
+
+@pytest.fixture(scope="module")
+def base_path(exports, tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli-models")
+    shutil.copytree(exports.plain_dir, root / "census" / "1")
+    return root / "census"
+
+
+def _self_signed(tmp_path):
+    """A certificate for localhost / 127.0.0.1 and its key, as PEM files (cryptography, else openssl)."""
+    cert_path, key_path = tmp_path / "server.crt", tmp_path / "server.key"
+    try:
+        from cryptography import x509
+        from cryptography.hazmat.primitives import hashes, serialization
+        from cryptography.hazmat.primitives.asymmetric import ec
+        from cryptography.x509.oid import NameOID
+    except ImportError:
+        subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+                        "-nodes", "-days", "1", "-subj", "/CN=localhost", "-keyout", str(key_path),
+                        "-out", str(cert_path), "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"],
+                       check=True, capture_output=True)
+        return cert_path, key_path
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost"),
+                                                        x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+                           critical=False)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(key, hashes.SHA256()))
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return cert_path, key_path
+
+
+def test_tls(exports, base_path, tmp_path):
+    cert, key = _self_signed(tmp_path)
+    manager = ModelManager([ModelEntry("census", str(base_path))], poll_seconds=3600)
+    srv = Server(manager, port=0, certificate=cert.read_bytes(), private_key=key.read_bytes()).start()
+    try:
+        examples = example_bytes(exports.frame, exports.spec, rows=3)
+        with ModelClient(f"127.0.0.1:{srv.port}", root_certificates=cert.read_bytes(), timeout=30) as client:
+            scores = client.predict_examples("census", examples)
+        assert scores["income"].shape == (3,)
+        # A plaintext client cannot talk to a TLS port.
+        with grpc.insecure_channel(f"127.0.0.1:{srv.port}") as ch:
+            request = predict_pb2.PredictRequest()
+            request.model_spec.name = "census"
+            request.inputs["examples"].CopyFrom(tf.make_tensor_proto(examples, dtype=tf.string))
+            with pytest.raises(grpc.RpcError) as err:
+                prediction_service_pb2_grpc.PredictionServiceStub(ch).Predict(request, timeout=5)
+            assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+    finally:
+        srv.stop(1)
+
+
+def _write_csv(frame, path):
+    frame.to_csv(path, index=False)
+    return path
+
+
+def _read_lines(stream, lines: queue.Queue):
+    for line in stream:
+        lines.put(line)
+
+
+def test_serve_process_predict_cli_and_sigterm_drain(exports, base_path, tmp_path, capsys):
+    batching = tmp_path / "batching.config"
+    # A long batch timeout keeps a lone request in flight for ~3 s: long enough to SIGTERM in the middle.
+    batching.write_text("max_batch_size { value: 64 }\nbatch_timeout_micros { value: 3000000 }\n"
+                        "num_batch_threads { value: 1 }\n")
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
+    process = subprocess.Popen([sys.executable, "-m", "pipelines.cli", "serve", "--model-base-path", str(base_path),
+                                "--model-name", "census", "--port", "0", "--batching-parameters-file",
+                                str(batching)], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                               env=env, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    lines: queue.Queue = queue.Queue()
+    threading.Thread(target=_read_lines, args=(process.stdout, lines), daemon=True).start()
+    try:
+        address = None
+        deadline = time.time() + 180
+        while address is None and time.time() < deadline and process.poll() is None:
+            try:
+                line = lines.get(timeout=1)
+            except queue.Empty:
+                continue
+            if line.startswith("serving on "):
+                address = line.split()[2]
+        assert address, "the server did not start"
+        assert address.startswith("127.0.0.1:")
+
+        # mmoe predict --csv, through the CLI entry point.
+        csv_path = _write_csv(exports.frame.iloc[:5], tmp_path / "rows.csv")
+        assert main(["predict", "--server", address, "--model", "census", "--csv", str(csv_path)]) == 0
+        out = capsys.readouterr().out.splitlines()
+        assert out[0].split("\t") == ["row", "income", "marital"] and len(out) == 6
+        want = exports.model.predict({k: v[:5] for k, v in exports.model_inputs.items()}, verbose=0)
+        got = np.array([[float(x) for x in line.split("\t")[1:]] for line in out[1:]])
+        np.testing.assert_allclose(got[:, 0], want["income"], atol=1e-5)
+        # A bad pin is a clean error, not a traceback.
+        assert main(["predict", "--server", address, "--model", "census", "--version", "7",
+                     "--csv", str(csv_path)]) == 1
+        assert "NOT_FOUND" in capsys.readouterr().err
+
+        # SIGTERM while a request waits in the batch queue: it still succeeds, then the process exits 0.
+        result = {}
+
+        def slow_request():
+            with ModelClient(address, timeout=60) as client:
+                try:
+                    result["scores"] = client.predict_examples("census", example_bytes(exports.frame, exports.spec,
+                                                                                        rows=2))
+                except grpc.RpcError as err:
+                    result["error"] = f"{err.code()}: {err.details()}"
+
+        sender = threading.Thread(target=slow_request)
+        sender.start()
+        time.sleep(1.0)
+        process.send_signal(signal.SIGTERM)
+        sender.join(60)
+        assert "error" not in result, result.get("error")
+        assert result["scores"]["income"].shape == (2,)
+        assert process.wait(timeout=60) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(10)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["serve", "--model-name", "m"], "--model-base-path and --model-name are required"),
+    (["serve", "--model-base-path", "/no/such/dir", "--model-name", "m"], "no such directory"),
+    (["serve", "--model-config-file", "/no/such.config"], "no such file"),
+    (["serve", "--model-base-path", ".", "--model-name", "m", "--ssl-cert", "x.pem"], "needs both --ssl-cert"),
+    (["serve", "--model-base-path", ".", "--model-name", "m", "--max-request-batch", "0"], "must be >= 1"),
+])
+def test_serve_argument_errors(argv, message, capsys):
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_serve_rejects_a_bad_config_file(tmp_path, capsys):
+    path = tmp_path / "models.config"
+    path.write_text('model_config_list { config { name: "m" } }')
+    assert main(["serve", "--model-config-file", str(path)]) == 2
+    assert "has no base_path" in capsys.readouterr().err
+
+
+def test_csv_reader_errors(tmp_path):
+    path = tmp_path / "rows.csv"
+    path.write_text("age,sex\n40,Female\n")
+    with pytest.raises(ValueError, match=r"missing column\(s\) \['weeks_worked'\]"):
+        read_csv_columns(str(path), {"age": "DT_FLOAT", "weeks_worked": "DT_FLOAT"})
+    path.write_text("age,sex\nforty,Female\n")
+    with pytest.raises(ValueError, match="column 'age' must be numeric"):
+        read_csv_columns(str(path), {"age": "DT_FLOAT"})
+    path.write_text("age,sex\n?,Female\n")
+    columns = read_csv_columns(str(path), {"age": "DT_FLOAT", "sex": "DT_STRING"})
+    assert np.isnan(columns["age"][0]) and columns["sex"][0] == b"Female"

@@ -86,7 +86,11 @@ class ServingModule(tf.Module):
         self._output_names = list(self.model.output.keys())
         self._task_names = [t.name for t in spec.tasks]
         # Compiled by XLA (jit_compile=True) or a plain graph function: the only difference between the two exports.
-        self.dispatch = tf.function(self._dispatch, jit_compile=self._xla, autograph=False)
+        if self._xla:
+            self.dispatch = tf.function(self._dispatch_packed, jit_compile=True, autograph=False)
+        else:
+            self.dispatch = tf.function(self._dispatch, jit_compile=False, autograph=False)
+        self._groups: Dict[str, list] = {}  # transformed dtype name -> model input names (XLA path)
 
         example_spec = tf.TensorSpec([None], tf.string, name=EXAMPLES_INPUT)
         raw_specs = {name: tf.TensorSpec([None], f.dtype, name=name) for name, f in self._serving_spec.items()}
@@ -101,18 +105,32 @@ class ServingModule(tf.Module):
         outputs = self.model(inputs, training=False)
         return {k: tf.cast(v, tf.float32) for k, v in outputs.items()}
 
+    def _dispatch_packed(self, packed: Dict[str, tf.Tensor]) -> Dict[str, tf.Tensor]:
+        """XLA path: one [batch, n] tensor per transformed dtype, unpacked and cast inside the compiled function."""
+        inputs = {}
+        for group, names in self._groups.items():
+            for name, column in zip(names, tf.unstack(packed[group], num=len(names), axis=1)):
+                inputs[name] = tf.cast(column, self._model_inputs[name])
+        return self._dispatch(inputs)
+
     def _model_outputs(self, raw: Dict[str, tf.Tensor]) -> Dict[str, tf.Tensor]:
         transformed = self.tft_layer(raw)
-        inputs = {name: tf.cast(transformed[name], dtype) for name, dtype in self._model_inputs.items()}
         if not self._xla:
+            inputs = {name: tf.cast(transformed[name], dtype) for name, dtype in self._model_inputs.items()}
             return self.dispatch(inputs)
-        batch = tf.shape(next(iter(inputs.values())))[0]
+        # Pack the ~40 [batch] inputs into one [batch, n] tensor per dtype: a handful of ops outside XLA
+        # (stack, pad) instead of a cast and a pad per input, and fewer arguments for the XLA launch.
+        groups: Dict[str, list] = {}
+        for name in self._model_inputs:
+            groups.setdefault(transformed[name].dtype.name, []).append(name)
+        self._groups = groups
+        packed = {g: tf.stack([transformed[n] for n in names], axis=1) for g, names in groups.items()}
+        batch = tf.shape(next(iter(packed.values())))[0]
         padded_size = _next_power_of_two(batch)
         last = tf.maximum(batch - 1, 0)
         # Repeat the last row (always a valid input) up to the bucket size.
         index = tf.minimum(tf.range(padded_size), last)
-        padded = {k: tf.gather(v, index) for k, v in inputs.items()}
-        outputs = self.dispatch(padded)
+        outputs = self.dispatch({g: tf.gather(v, index) for g, v in packed.items()})
         return {k: v[:batch] for k, v in outputs.items()}
 
     def _serve_examples(self, examples):

@@ -22,6 +22,7 @@ import logging
 import os
 import threading
 import time
+import warnings
 from typing import Dict, List, Optional, Tuple
 
 import grpc
@@ -117,7 +118,10 @@ class Servable:
         self.max_batch = max_batch
         self._tf = tf
         # Parse first: a corrupt saved_model.pb then fails with a message that says so.
-        saved = loader_impl.parse_saved_model(path)
+        with warnings.catch_warnings():
+            # protobuf warns on a truncated file before the check below turns it into a clear error.
+            warnings.simplefilter("ignore", RuntimeWarning)
+            saved = loader_impl.parse_saved_model(path)
         if len(saved.meta_graphs) != 1:
             raise ValueError(f"{path}/saved_model.pb holds {len(saved.meta_graphs)} MetaGraphs, expected 1 "
                              f"(corrupt, or not written by tf.saved_model.save)")

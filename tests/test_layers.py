@@ -122,10 +122,27 @@ def test_feature_embedding_layout_and_out_of_range_ids():
     out = _np(layer({"n": np.array([1.5, -2.0], "float32"), "c": np.array([4, 99], "int32")}))
     assert out.shape == (2, 4)
     np.testing.assert_allclose(out[:, 0], [1.5, -2.0])
-    table = _np(layer.embeddings["c"].embeddings)
-    np.testing.assert_allclose(out[1, 1:], table[4])  # 99 clipped to the last id
+    rows = _np(layer.rows("c"))
+    np.testing.assert_allclose(out[1, 1:], rows[4])  # 99 clipped to the last id
     with pytest.raises(KeyError, match="c"):
         layer({"n": np.array([1.0], "float32")})
+
+
+def test_features_sharing_a_table_keep_their_own_rows():
+    layer = FeatureEmbedding([{"name": "a", "kind": "categorical", "vocab_size": 3, "embedding_dim": 2},
+                              {"name": "n", "kind": "numeric"},
+                              {"name": "b", "kind": "categorical", "vocab_size": 4, "embedding_dim": 2},
+                              {"name": "c", "kind": "categorical", "vocab_size": 5, "embedding_dim": 3}])
+    out = _np(layer({"a": np.array([0, 2]), "n": np.array([7.0, 8.0], "float32"), "b": np.array([0, 3]),
+                     "c": np.array([1, 4])}))
+    assert len(layer.tables) == 2 and layer.output_dim == 1 + 2 + 2 + 3 == out.shape[1]
+    a, b, c = _np(layer.rows("a")), _np(layer.rows("b")), _np(layer.rows("c"))
+    assert a.shape == (3, 2) and b.shape == (4, 2) and c.shape == (5, 3)
+    np.testing.assert_allclose(out[:, 0], [7.0, 8.0])
+    np.testing.assert_allclose(out[:, 1:3], a[[0, 2]])
+    np.testing.assert_allclose(out[:, 3:5], b[[0, 3]])  # id 0 of b is not id 0 of a
+    np.testing.assert_allclose(out[:, 5:8], c[[1, 4]])
+    assert not np.allclose(a[0], b[0])
 
 
 def test_task_head_outputs():

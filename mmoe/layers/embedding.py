@@ -14,10 +14,14 @@ def default_embedding_dim(vocab_size: int, cap: int) -> int:
 class FeatureEmbedding(keras.layers.Layer):
     """Embeds categorical ids and concatenates them with numeric features.
 
+    Categorical features with the same embedding width share one table with
+    per-feature row offsets, so a model with dozens of categorical inputs does
+    a handful of gathers (and gradient scatters) instead of one per feature;
+    rows never mix because every feature owns its own range of the table.
+
     Args:
         features: list of dicts `{"name", "kind", "vocab_size",
-            "embedding_dim"}` (see `mmoe.config.InputFeature`). Order fixes
-            the layout of the output vector.
+            "embedding_dim"}` (see `mmoe.config.InputFeature`).
         max_embedding_dim: cap for embeddings whose width is not given.
 
     Call arguments:
@@ -26,7 +30,8 @@ class FeatureEmbedding(keras.layers.Layer):
             range rather than failing inside a gather.
 
     Returns:
-        `[batch, sum of numeric count and embedding widths]` float tensor.
+        `[batch, output_dim]`: the numeric features in spec order, then the
+        embeddings grouped by width (in order of first appearance).
     """
 
     def __init__(self, features, max_embedding_dim=16, **kwargs):
@@ -35,35 +40,48 @@ class FeatureEmbedding(keras.layers.Layer):
         if not self.features:
             raise ValueError("FeatureEmbedding needs at least one feature")
         self.max_embedding_dim = int(max_embedding_dim)
-        self.embeddings = {}
+        self.numeric = [f["name"] for f in self.features if f["kind"] == "numeric"]
+        # width -> [(feature name, row offset, vocab size)]
+        self.groups: dict[int, list[tuple[str, int, int]]] = {}
         for f in self.features:
             if f["kind"] == "categorical":
-                dim = f.get("embedding_dim") or default_embedding_dim(f["vocab_size"], self.max_embedding_dim)
-                self.embeddings[f["name"]] = keras.layers.Embedding(
-                    f["vocab_size"], dim, name=f"embed_{f['name']}")
+                dim = int(f.get("embedding_dim") or default_embedding_dim(f["vocab_size"], self.max_embedding_dim))
+                members = self.groups.setdefault(dim, [])
+                offset = sum(size for _, _, size in members)
+                members.append((f["name"], offset, int(f["vocab_size"])))
+        self.tables = [keras.layers.Embedding(sum(size for _, _, size in members), dim, name=f"embed_d{dim}")
+                       for dim, members in self.groups.items()]
 
     @property
     def output_dim(self) -> int:
-        return sum(1 if f["kind"] == "numeric" else self.embeddings[f["name"]].output_dim for f in self.features)
+        return len(self.numeric) + sum(dim * len(members) for dim, members in self.groups.items())
+
+    def rows(self, name):
+        """The embedding rows of one categorical feature, `[vocab_size, dim]`."""
+        for table, members in zip(self.tables, self.groups.values()):
+            for member, offset, size in members:
+                if member == name:
+                    return table.embeddings[offset:offset + size]
+        raise KeyError(f"no categorical feature {name!r}")
 
     def build(self, input_shape):
-        for embedding in self.embeddings.values():
-            embedding.build((None,))
+        for table in self.tables:
+            table.build((None, None))
 
     def call(self, inputs):
         missing = [f["name"] for f in self.features if f["name"] not in inputs]
         if missing:
             raise KeyError(f"missing model input(s): {missing}")
         parts = []
-        for f in self.features:
-            x = inputs[f["name"]]
-            if f["kind"] == "numeric":
-                x = ops.reshape(ops.cast(x, self.compute_dtype), (-1, 1))
-            else:
-                ids = ops.clip(ops.reshape(ops.cast(x, "int32"), (-1,)), 0, f["vocab_size"] - 1)
-                x = ops.cast(self.embeddings[f["name"]](ids), self.compute_dtype)
-            parts.append(x)
-        return ops.concatenate(parts, axis=-1)
+        if self.numeric:
+            parts.append(ops.stack([ops.reshape(ops.cast(inputs[n], self.compute_dtype), (-1,))
+                                    for n in self.numeric], axis=1))
+        for table, (dim, members) in zip(self.tables, self.groups.items()):
+            ids = ops.stack([ops.clip(ops.reshape(ops.cast(inputs[name], "int32"), (-1,)), 0, size - 1) + offset
+                             for name, offset, size in members], axis=1)  # [batch, features in group]
+            vectors = table(ids)  # [batch, features in group, dim]
+            parts.append(ops.reshape(ops.cast(vectors, self.compute_dtype), (-1, len(members) * dim)))
+        return ops.concatenate(parts, axis=-1) if len(parts) > 1 else parts[0]
 
     def compute_output_shape(self, input_shape):
         return (None, self.output_dim)

@@ -106,7 +106,8 @@ def worker(args) -> dict:
         mmoe.models.ExpertBank = loop_expert_bank_class()  # ablation only: same model, looped experts
     config = ModelConfig(mixed_precision=args.mixed_precision, **MODELS[args.model])
     keras.utils.set_random_seed(0)
-    model = compile_model(build_model(config, inputs, tasks), config, tasks, jit_compile=not args.no_xla)
+    model = compile_model(build_model(config, inputs, tasks), config, tasks, jit_compile=not args.no_xla,
+                          steps_per_execution=args.steps_per_execution)
     times = []
 
     class EpochTimer(keras.callbacks.Callback):
@@ -120,7 +121,7 @@ def worker(args) -> dict:
               verbose=0, callbacks=[EpochTimer()])
     best = min(times[1:]) if len(times) > 1 else times[0]
     flops = forward_flops(model)
-    return {"model": args.model, "backend": keras.backend.backend(), "xla": not args.no_xla or
+    return {"steps_per_execution": args.steps_per_execution, "model": args.model, "backend": keras.backend.backend(), "xla": not args.no_xla or
             keras.backend.backend() == "jax", "experts": args.experts, "batch_size": args.batch_size,
             "mixed_precision": args.mixed_precision, "examples_per_s": len(data) / best,
             "forward_flops_per_example": flops, "train_flops_per_example": 3 * flops,
@@ -142,12 +143,14 @@ def _timed(fn):
     return time.perf_counter() - start
 
 
-def run_config(arrays, model, backend, batch_size, no_xla=False, experts="fused", epochs=3, mixed=False):
+def run_config(arrays, model, backend, batch_size, no_xla=False, experts="fused", epochs=3, mixed=False,
+               steps_per_execution=1):
     env = dict(os.environ, KERAS_BACKEND=backend, TF_CPP_MIN_LOG_LEVEL="2")
     if backend == "jax":
         env.setdefault("JAX_PLATFORMS", os.environ.get("JAX_PLATFORMS", ""))
     cmd = [sys.executable, __file__, "--worker", "--arrays", arrays, "--model", model, "--batch-size",
-           str(batch_size), "--experts", experts, "--epochs", str(epochs)]
+           str(batch_size), "--experts", experts, "--epochs", str(epochs), "--steps-per-execution",
+           str(steps_per_execution)]
     if no_xla:
         cmd.append("--no-xla")
     if mixed:
@@ -186,6 +189,8 @@ def main(argv=None):
     parser.add_argument("--experts", default="fused", choices=["fused", "loop"], help=argparse.SUPPRESS)
     parser.add_argument("--no-xla", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--mixed-precision", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--steps-per-execution", type=int, default=32,
+                        help="batches per compiled call (Keras steps_per_execution)")
     args = parser.parse_args(argv)
     if args.worker:
         print(json.dumps(worker(args)))
@@ -197,13 +202,14 @@ def main(argv=None):
         for backend in args.backends:
             for batch in args.batch_sizes:
                 r = run_config(args.arrays, model, "jax" if backend == "jax" else "tensorflow", batch,
-                               no_xla=backend == "tf", epochs=args.epochs)
+                               no_xla=backend == "tf", epochs=args.epochs,
+                               steps_per_execution=args.steps_per_execution)
                 results.append(r)
                 print(f"{model} {backend} batch {batch}: {r['examples_per_s']:,.0f} examples/s", file=sys.stderr,
                       flush=True)
         for experts in ("fused", "loop"):
             r = run_config(args.arrays, model, "tensorflow", args.ablation_batch_size, experts=experts,
-                           epochs=args.epochs)
+                           epochs=args.epochs, steps_per_execution=args.steps_per_execution)
             r["ablation"] = True
             results.append(r)
             print(f"{model} ablation {experts}: {r['examples_per_s']:,.0f} examples/s", file=sys.stderr, flush=True)

@@ -34,12 +34,17 @@ class TrainSettings:
     main_task: Optional[str] = None
     loss_weights: Optional[dict] = None
     jit_compile: bool = True
+    # Batches per compiled call: amortises per-step dispatch, which dominates
+    # these small models (2.5x faster at batch 1024 on 2 CPU cores).
+    steps_per_execution: int = 16
 
     def __post_init__(self):
         if self.epochs < 1:
             raise ValueError(f"epochs must be >= 1, got {self.epochs}")
         if self.batch_size < 1:
             raise ValueError(f"batch size must be >= 1, got {self.batch_size}")
+        if self.steps_per_execution < 1:
+            raise ValueError(f"steps per execution must be >= 1, got {self.steps_per_execution}")
         if self.patience < 0:
             raise ValueError(f"patience must be >= 0, got {self.patience}")
 
@@ -123,7 +128,7 @@ def train_run(spec, data: Sequence[str], out_dir: str, model_config, settings: T
 
     keras.utils.set_random_seed(settings.seed)
     model = compile_model(build_model(model_config, features, tasks), model_config, tasks,
-                          jit_compile=settings.jit_compile)
+                          jit_compile=settings.jit_compile, steps_per_execution=settings.steps_per_execution)
     log(f"training {model_config.arch} ({model.count_params():,} parameters) on {len(splits['train']):,} rows, "
         f"backend {keras.backend.backend()}")
     fit_started = time.time()

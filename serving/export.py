@@ -75,15 +75,21 @@ class ServingModule(tf.Module):
         super().__init__(name="mmoe_serving")
         from features.transform import raw_feature_spec, serving_feature_spec
 
-        self.model = with_gate_outputs(model) if with_gates else model
+        model = with_gate_outputs(model) if with_gates else model
+        # The Keras model is held in a closure, not as a tracked attribute, and only its variables are
+        # tracked.  tf.saved_model.save walks every tracked attribute of every layer, and a layer attribute
+        # it cannot serialize (e.g. a dict with integer keys holding lists) would make the export fail
+        # although the computation is fine; the variables are all the SavedModel needs.
+        self._call_model = lambda inputs: model(inputs, training=False)
+        self.model_variables = [getattr(v, "value", v) for v in model.variables]
         # Tracked attribute: tf.saved_model.save follows it and saves the
         # transform graph and its assets inside this SavedModel.
         self.tft_layer = tft_output.transform_features_layer()
         self._xla = bool(xla)
         self._serving_spec = serving_feature_spec(spec)
         self._raw_spec = raw_feature_spec(spec)
-        self._model_inputs = {name: tensor.dtype for name, tensor in self.model.input.items()}
-        self._output_names = list(self.model.output.keys())
+        self._model_inputs = {name: tensor.dtype for name, tensor in model.input.items()}
+        self._output_names = list(model.output.keys())
         self._task_names = [t.name for t in spec.tasks]
         # Compiled by XLA (jit_compile=True) or a plain graph function: the only difference between the two exports.
         if self._xla:
@@ -102,7 +108,7 @@ class ServingModule(tf.Module):
     # -- the graph pieces ------------------------------------------------------------------
 
     def _dispatch(self, inputs: Dict[str, tf.Tensor]) -> Dict[str, tf.Tensor]:
-        outputs = self.model(inputs, training=False)
+        outputs = self._call_model(inputs)
         return {k: tf.cast(v, tf.float32) for k, v in outputs.items()}
 
     def _dispatch_packed(self, packed: Dict[str, tf.Tensor]) -> Dict[str, tf.Tensor]:

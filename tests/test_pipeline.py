@@ -23,13 +23,17 @@ def _sample_lines(n):
         return [next(fh) for _ in range(n)]
 
 
-def _config_data(**train):
+MULTI_PROCESS = ["--direct_running_mode=multi_processing", "--direct_num_workers=2"]
+# Single process: each multi-process Beam stage spends about a minute starting workers on a busy 2-core machine.
+IN_MEMORY = ["--direct_running_mode=in_memory", "--direct_num_workers=1"]
+
+
+def _config_data(beam_args=MULTI_PROCESS, **train):
     return {"dataset": {"task_group": 1},
             "model": {"num_experts": 4, "expert_units": [16], "tower_units": [8]},
             "train": {"train_steps": 30, "steps_per_epoch": 15, "batch_size": 64, **train},
             "evaluation": {"auc_floor": 0.5, "auc_floors": {"income": 0.4}, "max_auc_drop": 0.01},
-            # Multi-process DirectRunner, as by default: checks that Beam workers import our packages.
-            "beam_args": ["--direct_running_mode=multi_processing", "--direct_num_workers=2"]}
+            "beam_args": list(beam_args)}
 
 
 # -- fast --------------------------------------------------------------------------------------
@@ -135,6 +139,7 @@ def good_run(tmp_path_factory):
     data = base / "data" / "census.csv"
     data.parent.mkdir()
     data.write_text("".join(_sample_lines(600)))
+    # Multi-process DirectRunner, as by default: checks that Beam workers import our packages.
     config = make_config(_config_data())
     summary = run_local(config, data=str(data), pipeline_root=str(base / "root"),
                         serving_dir=str(base / "serving"))
@@ -225,7 +230,7 @@ def test_worse_model_is_not_blessed_or_pushed(good_run):
     from pipelines.local_runner import run_local
 
     base = good_run["base"]
-    data = _config_data(train_steps=1, steps_per_epoch=1)
+    data = _config_data(IN_MEMORY, train_steps=1, steps_per_epoch=1)
     data["model"]["learning_rate"] = 1e-7  # one tiny step: an untrained model
     summary = run_local(make_config(data), data=str(good_run["data"]), pipeline_root=str(base / "root"),
                         serving_dir=str(base / "serving"))
@@ -257,7 +262,7 @@ def test_anomalies_stop_the_run_before_training(tmp_path):
     data = tmp_path / "data"
     data.mkdir()
     (data / "part-0.csv").write_text(",".join(header) + "\n" + "".join(",".join(r) + "\n" for r in rows))
-    config_data = _config_data()
+    config_data = _config_data(IN_MEMORY)
     config_data["dataset"] = spec
     summary = run_local(make_config(config_data), data=str(data), pipeline_root=str(tmp_path / "root"),
                         serving_dir=str(tmp_path / "serving"))

@@ -132,18 +132,45 @@ def test_cli_errors_are_clear(tmp_path, capsys):
 
 @pytest.fixture(scope="module")
 def good_run(tmp_path_factory):
+    from pipelines import configs, pipeline
     from pipelines.configs import make_config
     from pipelines.local_runner import run_local
 
+    # The code fingerprint in custom_config is frozen for this module's runs, so that an edit of the
+    # sources while the tests run (other work in the same checkout) cannot defeat the cache check.
+    fingerprint = configs.code_fingerprint()
+    patch = pytest.MonkeyPatch()
+    patch.setattr(configs, "code_fingerprint", lambda: fingerprint)
+    patch.setattr(pipeline, "code_fingerprint", lambda: fingerprint)
     base = tmp_path_factory.mktemp("pipeline")
     data = base / "data" / "census.csv"
     data.parent.mkdir()
     data.write_text("".join(_sample_lines(600)))
-    # Multi-process DirectRunner, as by default: checks that Beam workers import our packages.
-    config = make_config(_config_data())
+    config = make_config(_config_data(IN_MEMORY))
     summary = run_local(config, data=str(data), pipeline_root=str(base / "root"),
                         serving_dir=str(base / "serving"))
-    return {"base": base, "data": data, "summary": summary, "config": config}
+    yield {"base": base, "data": data, "summary": summary, "config": config}
+    patch.undo()
+
+
+@pytest.mark.slow
+def test_multiprocess_beam_workers_import_our_packages(tmp_path):
+    """The default DirectRunner mode starts worker processes: they must import features/pipelines."""
+    import apache_beam as beam
+    from apache_beam.testing.util import assert_that, equal_to
+    from tfx.types import standard_component_specs
+
+    from pipelines.components.spec_example_gen import _SpecFilesToExamples
+
+    (tmp_path / "a.csv").write_text("".join(_sample_lines(30)))
+    (tmp_path / "b.csv").write_text("".join(_sample_lines(20)))
+    properties = {standard_component_specs.INPUT_BASE_KEY: str(tmp_path),
+                  standard_component_specs.CUSTOM_CONFIG_KEY: json.dumps(
+                      {"dataset": dataset_spec_to_dict(census_spec(1))})}
+    options = beam.options.pipeline_options.PipelineOptions(MULTI_PROCESS)
+    with beam.Pipeline(runner="DirectRunner", options=options) as p:
+        count = (p | _SpecFilesToExamples(properties, "*.csv") | beam.combiners.Count.Globally())
+        assert_that(count, equal_to([50]))
 
 
 @pytest.mark.slow
@@ -214,7 +241,7 @@ def test_rerun_reuses_cache_through_cli(good_run, tmp_path, capsys):
 
     base = good_run["base"]
     config = tmp_path / "pipeline.yaml"
-    config.write_text(yaml.safe_dump(_config_data()))
+    config.write_text(yaml.safe_dump(_config_data(IN_MEMORY)))
     code = main(["pipeline", "run", "--data", str(good_run["data"]), "--config", str(config),
                  "--pipeline-root", str(base / "root"), "--serving-dir", str(base / "serving")])
     out = capsys.readouterr().out
@@ -274,3 +301,29 @@ def test_anomalies_stop_the_run_before_training(tmp_path):
     assert not (tmp_path / "serving").exists()
     text = format_summary(summary)
     assert "age" in text and "weeks_worked" in text and "stopped before training" in text
+
+
+@pytest.mark.slow
+def test_tuner_fn_searches_and_run_fn_config_takes_the_best(good_run, tmp_path):
+    """The Tuner's tuner_fn on the shared run's Transform output (the Tuner component calls exactly this)."""
+    from types import SimpleNamespace
+
+    from pipelines import pipeline as pl
+    from pipelines.trainer_module import model_config, tuner_fn
+
+    s = good_run["summary"]
+    examples = s.output_uri(pl.TRANSFORM, "transformed_examples")
+    custom_config = good_run["config"].module_config()
+    custom_config["tuner"].update(max_trials=2, steps_per_trial=4)
+    fn_args = SimpleNamespace(custom_config=custom_config, working_dir=str(tmp_path),
+                              transform_graph_path=s.output_uri(pl.TRANSFORM, "transform_graph"),
+                              train_files=[os.path.join(examples, "Split-train", "*")],
+                              eval_files=[os.path.join(examples, "Split-eval", "*")], train_steps=4, eval_steps=None)
+    result = tuner_fn(fn_args)
+    result.tuner.search(**result.fit_kwargs)
+    best = result.tuner.get_best_hyperparameters()[0]
+    assert set(best.values) == {"num_experts", "expert_units", "gate_temperature", "learning_rate"}
+    config = model_config(custom_config, best.get_config())  # what run_fn does with the Tuner's output
+    assert config.num_experts == best.values["num_experts"]
+    assert config.expert_units == (best.values["expert_units"],)
+    assert config.learning_rate == pytest.approx(best.values["learning_rate"])

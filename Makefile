@@ -9,6 +9,13 @@ STAMP := $(VENV)/.installed
 # Tests and runs are CPU-only here; keep TF's log noise down.
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 export PYTHONHASHSEED ?= 0
+# uv verifies TLS with its bundled roots; machines behind a TLS-inspecting proxy
+# need the system bundle, which pip already uses.
+ifeq ($(SSL_CERT_FILE),)
+ifneq ($(wildcard /etc/ssl/certs/ca-certificates.crt),)
+export SSL_CERT_FILE := /etc/ssl/certs/ca-certificates.crt
+endif
+endif
 
 .PHONY: setup run test lock bench-quality clean
 

@@ -96,7 +96,12 @@ class ServingModule(tf.Module):
             self.dispatch = tf.function(self._dispatch_packed, jit_compile=True, autograph=False)
         else:
             self.dispatch = tf.function(self._dispatch, jit_compile=False, autograph=False)
-        self._groups: Dict[str, list] = {}  # transformed dtype name -> model input names (XLA path)
+        # XLA path: model inputs grouped by their transformed dtype (float32 numbers, int64 ids), in model order.
+        transformed_spec = tft_output.transformed_feature_spec()
+        groups: Dict[str, list] = {}
+        for name in self._model_inputs:
+            groups.setdefault(transformed_spec[name].dtype.name, []).append(name)
+        self._groups = tuple((dtype, tuple(names)) for dtype, names in groups.items())
 
         example_spec = tf.TensorSpec([None], tf.string, name=EXAMPLES_INPUT)
         raw_specs = {name: tf.TensorSpec([None], f.dtype, name=name) for name, f in self._serving_spec.items()}
@@ -114,7 +119,7 @@ class ServingModule(tf.Module):
     def _dispatch_packed(self, packed: Dict[str, tf.Tensor]) -> Dict[str, tf.Tensor]:
         """XLA path: one [batch, n] tensor per transformed dtype, unpacked and cast inside the compiled function."""
         inputs = {}
-        for group, names in self._groups.items():
+        for group, names in self._groups:
             for name, column in zip(names, tf.unstack(packed[group], num=len(names), axis=1)):
                 inputs[name] = tf.cast(column, self._model_inputs[name])
         return self._dispatch(inputs)
@@ -126,11 +131,7 @@ class ServingModule(tf.Module):
             return self.dispatch(inputs)
         # Pack the ~40 [batch] inputs into one [batch, n] tensor per dtype: a handful of ops outside XLA
         # (stack, pad) instead of a cast and a pad per input, and fewer arguments for the XLA launch.
-        groups: Dict[str, list] = {}
-        for name in self._model_inputs:
-            groups.setdefault(transformed[name].dtype.name, []).append(name)
-        self._groups = groups
-        packed = {g: tf.stack([transformed[n] for n in names], axis=1) for g, names in groups.items()}
+        packed = {g: tf.stack([tf.cast(transformed[n], g) for n in names], axis=1) for g, names in self._groups}
         batch = tf.shape(next(iter(packed.values())))[0]
         padded_size = _next_power_of_two(batch)
         last = tf.maximum(batch - 1, 0)

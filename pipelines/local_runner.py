@@ -284,9 +284,10 @@ def summarise(summary: RunSummary, pipeline_name: str) -> RunSummary:
     if evaluation:
         summary.metrics = read_metrics(evaluation)
         summary.blessing_reasons = read_validation(evaluation)
-    baseline = summary.component(pl.BASELINE_RESOLVER)
-    if baseline and baseline.outputs.get("model"):
-        summary.baseline = baseline.outputs["model"][0].uri
+    evaluator_run = summary.component(pl.EVALUATOR)
+    if evaluator_run and evaluator_run.outputs.get("evaluation"):
+        # The Evaluator records the baseline it compared with on its output.
+        summary.baseline = _custom_property(evaluator_run.outputs["evaluation"][0], "baseline_model_uri") or None
     evaluator = summary.component(pl.EVALUATOR)
     if evaluator and evaluator.outputs.get("blessing"):
         summary.blessed = bool(_custom_property(evaluator.outputs["blessing"][0], "blessed"))

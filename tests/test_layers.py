@@ -163,3 +163,18 @@ def test_task_head_outputs():
 def test_layer_config_round_trip(layer):
     clone = layer.__class__.from_config(layer.get_config())
     assert clone.get_config() == layer.get_config()
+
+
+def test_model_saves_as_tensorflow_saved_model(tmp_path):
+    # The serving export tracks the model in a tf.Module; layer attributes must be trackable.
+    import tensorflow as tf
+
+    from mmoe import InputFeature, ModelConfig, TaskSpec, build_model
+
+    model = build_model(ModelConfig(num_experts=2, expert_units=(4,)),
+                        [InputFeature("n"), InputFeature("c", "categorical", vocab_size=7),
+                         InputFeature("d", "categorical", vocab_size=900)], [TaskSpec("t")])
+    module = tf.Module()
+    module.model = model
+    tf.saved_model.save(module, str(tmp_path / "saved"))
+    assert (tmp_path / "saved" / "saved_model.pb").exists()

@@ -41,24 +41,26 @@ class FeatureEmbedding(keras.layers.Layer):
             raise ValueError("FeatureEmbedding needs at least one feature")
         self.max_embedding_dim = int(max_embedding_dim)
         self.numeric = [f["name"] for f in self.features if f["kind"] == "numeric"]
-        # width -> [(feature name, row offset, vocab size)]
-        self.groups: dict[int, list[tuple[str, int, int]]] = {}
+        groups: dict[int, list[tuple[str, int, int]]] = {}
         for f in self.features:
             if f["kind"] == "categorical":
                 dim = int(f.get("embedding_dim") or default_embedding_dim(f["vocab_size"], self.max_embedding_dim))
-                members = self.groups.setdefault(dim, [])
+                members = groups.setdefault(dim, [])
                 offset = sum(size for _, _, size in members)
                 members.append((f["name"], offset, int(f["vocab_size"])))
+        # ((width, ((feature name, row offset, vocab size), ...)), ...): immutable tuples, because
+        # TensorFlow's object tracking (tf.saved_model.save) rejects dicts with int keys.
+        self.groups = tuple((dim, tuple(members)) for dim, members in groups.items())
         self.tables = [keras.layers.Embedding(sum(size for _, _, size in members), dim, name=f"embed_d{dim}")
-                       for dim, members in self.groups.items()]
+                       for dim, members in self.groups]
 
     @property
     def output_dim(self) -> int:
-        return len(self.numeric) + sum(dim * len(members) for dim, members in self.groups.items())
+        return len(self.numeric) + sum(dim * len(members) for dim, members in self.groups)
 
     def rows(self, name):
         """The embedding rows of one categorical feature, `[vocab_size, dim]`."""
-        for table, members in zip(self.tables, self.groups.values()):
+        for table, (_, members) in zip(self.tables, self.groups):
             for member, offset, size in members:
                 if member == name:
                     return table.embeddings[offset:offset + size]
@@ -76,7 +78,7 @@ class FeatureEmbedding(keras.layers.Layer):
         if self.numeric:
             parts.append(ops.stack([ops.reshape(ops.cast(inputs[n], self.compute_dtype), (-1,))
                                     for n in self.numeric], axis=1))
-        for table, (dim, members) in zip(self.tables, self.groups.items()):
+        for table, (dim, members) in zip(self.tables, self.groups):
             ids = ops.stack([ops.clip(ops.reshape(ops.cast(inputs[name], "int32"), (-1,)), 0, size - 1) + offset
                              for name, offset, size in members], axis=1)  # [batch, features in group]
             vectors = table(ids)  # [batch, features in group, dim]

@@ -28,6 +28,9 @@ INSTALL_REQUIRES = [
     "scikit-learn",
     "scipy",
     "matplotlib",
+    # TFX's KubeflowV2DagRunner writes the pipeline spec with these protos
+    # (`mmoe pipeline run --compile kubeflow`); kfp itself is not needed to compile.
+    "kfp-pipeline-spec==0.2.2",
 ]
 
 EXTRAS_REQUIRE = {"test": ["pytest", "pytest-timeout"]}

@@ -17,7 +17,7 @@ export SSL_CERT_FILE := /etc/ssl/certs/ca-certificates.crt
 endif
 endif
 
-.PHONY: setup run test lock bench-quality clean
+.PHONY: setup run train test lock bench-pipeline clean
 
 setup: $(STAMP)
 
@@ -35,7 +35,14 @@ lock:
 	uv pip compile setup.py --extra test --python-version 3.10 --python-platform x86_64-unknown-linux-gnu -o requirements.lock
 
 run: $(STAMP)
+	$(VENV)/bin/mmoe pipeline run --data features/data/census-income.sample.gz --train-steps 600
+
+# The in-process training job alone (no TFX): preprocess, train, evaluate.
+train: $(STAMP)
 	$(VENV)/bin/mmoe train --data features/data/census-income.sample.gz --task-group 1 --arch mmoe --out runs/census-sample --overwrite
+
+bench-pipeline: $(STAMP)
+	$(PY) benchmarks/pipeline.py
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests

@@ -285,9 +285,9 @@ def summarise(summary: RunSummary, pipeline_name: str) -> RunSummary:
         summary.metrics = read_metrics(evaluation)
         summary.blessing_reasons = read_validation(evaluation)
     evaluator_run = summary.component(pl.EVALUATOR)
-    if evaluator_run and evaluator_run.outputs.get("evaluation"):
-        # The Evaluator records the baseline it compared with on its output.
-        summary.baseline = _custom_property(evaluator_run.outputs["evaluation"][0], "baseline_model_uri") or None
+    if evaluator_run and evaluator_run.outputs.get("blessing"):
+        # The Evaluator records the baseline it compared with on its blessing.
+        summary.baseline = _custom_property(evaluator_run.outputs["blessing"][0], "baseline_model") or None
     evaluator = summary.component(pl.EVALUATOR)
     if evaluator and evaluator.outputs.get("blessing"):
         summary.blessed = bool(_custom_property(evaluator.outputs["blessing"][0], "blessed"))

@@ -203,7 +203,9 @@ def create_pipeline(config: PipelineConfig, *, data: str, pipeline_root: str, se
 
     transform = tfx.components.Transform(
         examples=example_gen.outputs["examples"], schema=schema_gen.outputs["schema"],
-        preprocessing_fn=f"{MODULE}.preprocessing_fn", custom_config=module_config,
+        # Only what the preprocessing depends on: a model or training change must not invalidate the transform.
+        preprocessing_fn=f"{MODULE}.preprocessing_fn",
+        custom_config={"dataset": module_config["dataset"], "code": module_config["code"]},
         force_tf_compat_v1=False, disable_statistics=True).with_id(TRANSFORM)
     transform.add_upstream_node(gate)
 

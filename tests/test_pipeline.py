@@ -265,6 +265,7 @@ def test_worse_model_is_not_blessed_or_pushed(good_run):
     summary = run_local(make_config(data), data=str(good_run["data"]), pipeline_root=str(base / "root"),
                         serving_dir=str(base / "serving"))
     assert summary.ok, summary.error
+    assert summary.component("Transform").state == "CACHED"  # a model change does not redo the transform
     assert summary.baseline is not None  # compared with the latest blessed model
     assert summary.blessed is False and summary.pushed is False
     assert any("auc" in r for r in summary.blessing_reasons), summary.blessing_reasons

@@ -6,7 +6,7 @@ Plain dataclasses with `to_dict`/`from_dict` so a config can travel through JSON
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Optional
+from typing import Any, Mapping, Optional
 
 ARCHITECTURES = ("mmoe", "omoe", "shared_bottom", "single_task", "cgc", "ple")
 GATE_TYPES = ("softmax", "noisy_top_k")
@@ -14,8 +14,9 @@ TASK_KINDS = ("binary", "regression")
 FEATURE_KINDS = ("numeric", "categorical")
 
 
-def _from_dict(cls, data: dict[str, Any], what: str):
-    if not isinstance(data, dict):
+def dataclass_from_mapping(cls, data: Mapping[str, Any], what: str):
+    """`cls(**data)`, with errors that name `what` and any unknown keys (config files are hand-written)."""
+    if not isinstance(data, Mapping):
         raise ValueError(f"{what} must be a mapping, got {type(data).__name__}")
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - names)
@@ -54,7 +55,7 @@ class InputFeature:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "InputFeature":
-        return _from_dict(cls, data, "input feature")
+        return dataclass_from_mapping(cls, data, "input feature")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,7 +84,7 @@ class TaskSpec:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "TaskSpec":
-        return _from_dict(cls, data, "task")
+        return dataclass_from_mapping(cls, data, "task")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -176,4 +177,4 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "ModelConfig":
-        return _from_dict(cls, data, "model config")
+        return dataclass_from_mapping(cls, data, "model config")

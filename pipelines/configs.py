@@ -30,6 +30,8 @@ import os
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional
 
+from mmoe.config import dataclass_from_mapping
+
 DEFAULT_BEAM_ARGS = ("--direct_running_mode=multi_processing", "--direct_num_workers=0")
 
 _CODE_PACKAGES = ("features", "mmoe", "serving")
@@ -112,13 +114,7 @@ def _section(cls, data: Any, name: str):
         return cls()
     if isinstance(data, cls):
         return data
-    if not isinstance(data, Mapping):
-        raise ValueError(f"config section {name!r} must be a mapping, got {data!r}")
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - known)
-    if unknown:
-        raise ValueError(f"config section {name!r}: unknown key(s) {unknown}; known: {sorted(known)}")
-    return cls(**data)
+    return dataclass_from_mapping(cls, data, f"config section {name!r}")
 
 
 @dataclasses.dataclass

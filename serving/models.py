@@ -315,18 +315,11 @@ class ModelManager:
     def resolve(self, name: str, version: Optional[int] = None, label: str = "") -> Servable:
         """The servable for a request, already acquired (call release()).  Raises ServingError."""
         with self._lock:
-            model = self._models.get(name)
-            if model is None:
-                raise ServingError(grpc.StatusCode.NOT_FOUND,
-                                   f"model {name!r} is not served; models: {self.model_names}")
+            model = self._model(name)
             if version is not None and label:
                 raise invalid("model_spec sets both version and version_label; set one")
             if label:
-                if label not in model.entry.labels:
-                    raise ServingError(grpc.StatusCode.NOT_FOUND,
-                                       f"model {name!r} has no version label {label!r}; "
-                                       f"labels: {sorted(model.entry.labels)}")
-                target = model.entry.labels[label]
+                target = self._labelled_version(model, name, label)
                 servable = model.servables.get(target)
                 if servable is None:
                     raise ServingError(grpc.StatusCode.FAILED_PRECONDITION,
@@ -355,6 +348,21 @@ class ModelManager:
             servable.acquire()
             return servable
 
+    def _model(self, name: str) -> _Model:
+        """The configured model called `name` (caller holds the lock); NOT_FOUND otherwise."""
+        model = self._models.get(name)
+        if model is None:
+            raise ServingError(grpc.StatusCode.NOT_FOUND, f"model {name!r} is not served; models: {self.model_names}")
+        return model
+
+    @staticmethod
+    def _labelled_version(model: _Model, name: str, label: str) -> int:
+        """The version a label points to; NOT_FOUND for an unknown label."""
+        if label not in model.entry.labels:
+            raise ServingError(grpc.StatusCode.NOT_FOUND, f"model {name!r} has no version label {label!r}; "
+                                                          f"labels: {sorted(model.entry.labels)}")
+        return model.entry.labels[label]
+
     @staticmethod
     def _describe(model: _Model, version: int) -> str:
         status = model.status.get(version)
@@ -371,16 +379,9 @@ class ModelManager:
 
     def statuses(self, name: str, version: Optional[int] = None, label: str = "") -> List[Tuple[int, VersionStatus]]:
         with self._lock:
-            model = self._models.get(name)
-            if model is None:
-                raise ServingError(grpc.StatusCode.NOT_FOUND,
-                                   f"model {name!r} is not served; models: {self.model_names}")
+            model = self._model(name)
             if label:
-                if label not in model.entry.labels:
-                    raise ServingError(grpc.StatusCode.NOT_FOUND,
-                                       f"model {name!r} has no version label {label!r}; "
-                                       f"labels: {sorted(model.entry.labels)}")
-                version = model.entry.labels[label]
+                version = self._labelled_version(model, name, label)
             items = sorted(model.status.items())
             if version is not None:
                 items = [(v, s) for v, s in items if v == version]

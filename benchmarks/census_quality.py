@@ -44,16 +44,13 @@ DEFAULTS = {"learning_rate": 1e-3, "num_experts": 8, "expert_units": (64,)}
 
 def prepare(data, group, split_seed, workdir, log):
     from features.census import census_spec
-    from features.transform import transform_in_process, transformed_feature_info
     from mmoe import InputFeature
-    from pipelines.train_local import load_splits, model_tasks, task_data
+    from pipelines.train_local import model_tasks, task_data, transform_splits
 
     spec = census_spec(group)
-    train, valid, test, protocol = load_splits(data, spec, (0.6, 0.2, 0.2), split_seed, log=log)
-    tft_output, arrays = transform_in_process(spec, train, {"valid": valid, "test": test},
-                                              os.path.join(workdir, f"transform_g{group}"), progress=log)
-    info = transformed_feature_info(spec, tft_output)
-    features = [InputFeature(i["name"], i["kind"], i["vocab_size"]) for i in info]
+    info, arrays, protocol = transform_splits(spec, data, (0.6, 0.2, 0.2), split_seed,
+                                              os.path.join(workdir, f"transform_g{group}"), log=log)
+    features = [InputFeature.from_dict(i) for i in info]
     tasks = model_tasks(spec, None)
     splits = {k: task_data(arrays[k], spec, [f.name for f in features], False) for k in arrays}
     return features, tasks, splits, protocol

@@ -84,6 +84,20 @@ def load_splits(data: Sequence[str], spec, split, seed: int, log=print):
     return train, valid, test, protocol
 
 
+def transform_splits(spec, data: Sequence[str], split, seed: int, transform_dir: str, log=print):
+    """Reads and splits the data, fits tf.Transform on train and applies it to every split.
+
+    Returns (inputs, arrays, protocol): the model-neutral input descriptions
+    (`transformed_feature_info`), `arrays[split][key]` and the split protocol.
+    """
+    from features.transform import transform_in_process, transformed_feature_info
+
+    train_df, valid_df, test_df, protocol = load_splits(data, spec, split, seed, log=log)
+    tft_output, arrays = transform_in_process(spec, train_df, {"valid": valid_df, "test": test_df},
+                                              str(transform_dir), progress=log)
+    return transformed_feature_info(spec, tft_output), arrays, protocol
+
+
 def task_data(arrays: dict, spec, input_names: Sequence[str], use_weights: bool):
     from features.spec import WEIGHT_KEY
     from mmoe.training import TaskData
@@ -108,7 +122,6 @@ def train_run(spec, data: Sequence[str], out_dir: str, model_config, settings: T
     """The whole `mmoe train` job; returns the metrics written to metrics.json."""
     import keras
 
-    from features.transform import transform_in_process, transformed_feature_info
     from mmoe import InputFeature, build_model, compile_model
     from mmoe.training import evaluate, fit
 
@@ -119,10 +132,8 @@ def train_run(spec, data: Sequence[str], out_dir: str, model_config, settings: T
     out.mkdir(parents=True, exist_ok=True)
     started = time.time()
 
-    train_df, valid_df, test_df, protocol = load_splits(data, spec, settings.split, settings.seed, log=log)
-    tft_output, arrays = transform_in_process(spec, train_df, {"valid": valid_df, "test": test_df},
-                                              str(out / "transform"), progress=log)
-    features = [InputFeature(i["name"], i["kind"], i["vocab_size"]) for i in transformed_feature_info(spec, tft_output)]
+    inputs, arrays, protocol = transform_splits(spec, data, settings.split, settings.seed, out / "transform", log=log)
+    features = [InputFeature.from_dict(i) for i in inputs]
     names = [f.name for f in features]
     splits = {k: task_data(arrays[k], spec, names, settings.use_weights) for k in ("train", "valid", "test")}
 
@@ -175,14 +186,9 @@ def export_arrays(spec, data: Sequence[str], out_path: str, split, seed: int, lo
     """
     import tempfile
 
-    from features.transform import transform_in_process, transformed_feature_info
-
     tasks = model_tasks(spec, None)
-    train_df, valid_df, test_df, protocol = load_splits(data, spec, split, seed, log=log)
     with tempfile.TemporaryDirectory() as tmp:
-        tft_output, arrays = transform_in_process(spec, train_df, {"valid": valid_df, "test": test_df}, tmp,
-                                                  progress=log)
-        inputs = transformed_feature_info(spec, tft_output)
+        inputs, arrays, protocol = transform_splits(spec, data, split, seed, tmp, log=log)
     meta = {"inputs": inputs, "tasks": [t.to_dict() for t in tasks], "protocol": protocol,
             "label_keys": {t.name: spec.label_key(t.name) for t in tasks}}
     payload = {f"{split_name}/{key}": value for split_name, split_arrays in arrays.items()
@@ -201,7 +207,7 @@ def load_arrays(path: str):
 
     with np.load(path, allow_pickle=False) as npz:
         meta = json.loads(str(npz["__meta__"]))
-        inputs = [InputFeature(i["name"], i["kind"], i["vocab_size"]) for i in meta["inputs"]]
+        inputs = [InputFeature.from_dict(i) for i in meta["inputs"]]
         tasks = [TaskSpec.from_dict(t) for t in meta["tasks"]]
         splits = {}
         for split_name in ("train", "valid", "test"):

@@ -35,7 +35,8 @@ from mmoe.config import dataclass_from_mapping
 DEFAULT_BEAM_ARGS = ("--direct_running_mode=multi_processing", "--direct_num_workers=0")
 
 _CODE_PACKAGES = ("features", "mmoe", "serving")
-_CODE_FILES = ("pipelines/trainer_module.py", "pipelines/components/spec_example_gen.py")
+_CODE_FILES = ("pipelines/trainer_module.py", "pipelines/components/spec_example_gen.py",
+               "pipelines/components/spec_schema.py")
 
 
 @dataclasses.dataclass

@@ -8,8 +8,9 @@ writes a PipelineSpec JSON to submit with the KFP client or Vertex AI
 component runs in `--image`, which must hold this repository installed
 (`pip install .`) on top of TFX 1.16 (e.g. `FROM gcr.io/tfx-oss-public/tfx:1.16.0`),
 because the components import `features`, `mmoe`, `serving` and `pipelines`.
-The schema file the pipeline imports is written under the pipeline root; with
-a gs:// root it is written there directly (through TFX's filesystem layer).
+A curated schema (`--schema FILE`) is copied under the pipeline root for
+ImportSchemaGen; with a gs:// root it is written there directly (through
+TFX's filesystem layer).
 Compiling needs `kfp-pipeline-spec` (only its protos; no Kubernetes access).
 """
 from __future__ import annotations

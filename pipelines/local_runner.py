@@ -55,6 +55,9 @@ class RunSummary:
     baseline: Optional[str] = None
     pushed: Optional[bool] = None
     pushed_path: Optional[str] = None
+    pushed_again: bool = False  # the model was already the newest served version: nothing copied
+    schema_path: Optional[str] = None  # the schema the run validated and transformed with
+    schema_inferred: bool = False  # SchemaGen + ConformSchema (no --schema)
     model_path: Optional[str] = None  # the Trainer's serving model (Format-Serving)
 
     @property
@@ -267,7 +270,15 @@ def run_local(config: PipelineConfig, *, data: str, pipeline_root: str, serving_
 def summarise(summary: RunSummary, pipeline_name: str) -> RunSummary:
     from pipelines.components.anomaly_gate import read_anomalies
 
+    from pipelines.components.pusher import REUSED_VERSION_KEY
+    from pipelines.components.spec_schema import SCHEMA_FILE
+
     summary.run_id, summary.components = latest_run(summary.metadata_path, pipeline_name)
+    schema_uri = summary.output_uri(pl.CONFORM_SCHEMA, "schema")
+    summary.schema_inferred = schema_uri is not None
+    schema_uri = schema_uri or summary.output_uri(pl.SCHEMA_GEN, "schema")
+    if schema_uri:
+        summary.schema_path = os.path.join(schema_uri, SCHEMA_FILE)
     uri = summary.output_uri(pl.EXAMPLE_VALIDATOR, "anomalies")
     if uri:
         summary.anomalies = read_anomalies(uri)
@@ -297,6 +308,7 @@ def summarise(summary: RunSummary, pipeline_name: str) -> RunSummary:
         summary.pushed = bool(_custom_property(artifact, "pushed"))
         if summary.pushed:
             summary.pushed_path = _custom_property(artifact, "pushed_destination")
+            summary.pushed_again = bool(_custom_property(artifact, REUSED_VERSION_KEY))
     return summary
 
 
@@ -343,10 +355,15 @@ def format_summary(summary: RunSummary, heads: Optional[List[str]] = None) -> st
             for r in summary.blessing_reasons:
                 lines.append(f"  - {r}")
     if summary.pushed:
-        lines.append(f"pushed: {summary.pushed_path}")
+        lines.append(f"pushed: {summary.pushed_path}" + (" (already the newest version: not copied again)"
+                                                         if summary.pushed_again else ""))
     elif summary.pushed is False:
         lines.append("pushed: nothing (model not blessed)")
     if summary.error:
         lines.append(f"STOPPED: {summary.error.splitlines()[0][:500]}")
+    if summary.schema_path:
+        lines.append(f"schema: {summary.schema_path}" + (
+            " (inferred by SchemaGen, held to the dataset spec; to curate it: mmoe pipeline schema --out FILE, "
+            "edit, then run with --schema FILE)" if summary.schema_inferred else " (curated, imported)"))
     lines.append(f"pipeline root: {summary.pipeline_root} (ML Metadata: {summary.metadata_path})")
     return "\n".join(lines)

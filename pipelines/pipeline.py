@@ -1,21 +1,20 @@
 """The TFX batch training pipeline.
 
-    ExampleGen -> StatisticsGen -> ImportSchemaGen -> ExampleValidator -> AnomalyGate
+    ExampleGen -> StatisticsGen -> SchemaGen -> ConformSchema (or ImportSchemaGen) -> ExampleValidator -> AnomalyGate
       -> Transform -> [Tuner] -> Trainer -> Evaluator (+ latest blessed model) -> Pusher
 
 * ExampleGen: TFX's FileBasedExampleGen with `components.spec_example_gen`'s
   executor: reads the files the DatasetSpec describes (the UCI files as they
   are: no header, gzip) and writes tf.Examples typed by the spec, split by
   hash into train/eval (4:1 by default, configurable).
-* Schema: the schema is the spec's contract (every used column present once,
-  numeric columns float, the others bytes, label columns restricted to their
-  listed values; categorical inputs have no closed domain, so a new category
-  value is not an anomaly, while a missing column or a wrong type is).  It is
-  written from the spec into `<pipeline_root>/schema/` and imported with
-  ImportSchemaGen; `schema_file=` (`--schema FILE`) imports a curated one
-  instead.  SchemaGen's inferred schema is not used because it gives every
-  column shape [1] (the transform and the serving signature take [batch]
-  tensors) and closed string domains (a new category would stop the run).
+* Schema: with no curated schema, SchemaGen infers one from the statistics
+  and `components.spec_schema.ConformSchema` holds it to the dataset spec's
+  contract (every used column present once with the spec's type and scalar
+  shape, label columns limited to their values, categorical inputs open to
+  new values): a missing column or a wrong type is an anomaly, a new category
+  value is not.  `schema_file=` (`--schema FILE`) imports a curated schema
+  with ImportSchemaGen instead; `mmoe pipeline schema --out FILE` writes the
+  last run's schema as a starting point.
 * AnomalyGate: fails the run when ExampleValidator found anomalies (before
   Transform, so nothing trains or is pushed).
 * Transform/Tuner/Trainer: `pipelines.trainer_module` (preprocessing_fn,
@@ -27,11 +26,13 @@
   overall and sliced by the configured columns; blesses when every binary
   head's AUC is at least its floor and drops by at most `max_auc_drop` from
   the latest blessed model (LatestBlessedModelStrategy).
-* Pusher: copies a blessed model to `<serving_dir>/<model_name>/<version>`.
+* Pusher: copies a blessed model to `<serving_dir>/<model_name>/<version>`,
+  unless the newest version there is already that model (`components.pusher`).
 """
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from typing import List, Optional
 
@@ -40,7 +41,8 @@ from pipelines.configs import PipelineConfig, code_fingerprint
 # Component ids (also the names in ML Metadata and in the benchmark table).
 EXAMPLE_GEN = "ExampleGen"
 STATISTICS_GEN = "StatisticsGen"
-SCHEMA_GEN = "SchemaGen"
+SCHEMA_GEN = "SchemaGen"  # SchemaGen (inferred) or ImportSchemaGen (--schema FILE)
+CONFORM_SCHEMA = "ConformSchema"
 EXAMPLE_VALIDATOR = "ExampleValidator"
 ANOMALY_GATE = "AnomalyGate"
 TRANSFORM = "Transform"
@@ -51,27 +53,6 @@ EVALUATOR = "Evaluator"
 PUSHER = "Pusher"
 
 MODULE = "pipelines.trainer_module"
-
-
-def spec_schema(spec):
-    """The schema_pb2.Schema that the DatasetSpec implies for the raw examples (see the module docstring)."""
-    from tensorflow_transform.tf_metadata import schema_utils
-
-    from features.transform import raw_feature_spec
-
-    schema = schema_utils.schema_from_feature_spec(raw_feature_spec(spec))
-    domains = {}
-    for t in spec.tasks:
-        if t.values is not None:
-            domains.setdefault(t.column, [])
-            domains[t.column] += [v for v in t.values if v not in domains[t.column]]
-    for column, values in domains.items():
-        domain = schema.string_domain.add(name=column)
-        domain.value.extend(values)
-        for feature in schema.feature:
-            if feature.name == column:
-                feature.domain = column
-    return schema
 
 
 def _stable_copy(directory: str, prefix: str, text: str) -> str:
@@ -89,23 +70,20 @@ def _stable_copy(directory: str, prefix: str, text: str) -> str:
     return path
 
 
-def write_schema(config: PipelineConfig, pipeline_root: str, schema_file: Optional[str] = None) -> str:
-    """Path of the schema the run imports: the user's curated file or the spec's, content-addressed."""
+def import_schema(pipeline_root: str, schema_file: str) -> str:
+    """Checks a curated schema file and copies it under the pipeline root, content-addressed, for ImportSchemaGen."""
     from google.protobuf import text_format
     from tensorflow_metadata.proto.v0 import schema_pb2
 
-    directory = os.path.join(pipeline_root, "schema")
-    if schema_file:
-        if not os.path.isfile(schema_file):
-            raise FileNotFoundError(f"--schema {schema_file}: no such file")
-        with open(schema_file) as fh:
-            text = fh.read()
-        try:
-            text_format.Parse(text, schema_pb2.Schema())
-        except text_format.ParseError as e:
-            raise ValueError(f"--schema {schema_file}: not a text-format tensorflow_metadata Schema: {e}") from None
-        return _stable_copy(directory, "curated", text)
-    return _stable_copy(directory, "spec", text_format.MessageToString(spec_schema(config.spec)))
+    if not os.path.isfile(schema_file):
+        raise FileNotFoundError(f"--schema {schema_file}: no such file")
+    with open(schema_file) as fh:
+        text = fh.read()
+    try:
+        text_format.Parse(text, schema_pb2.Schema())
+    except text_format.ParseError as e:
+        raise ValueError(f"--schema {schema_file}: not a text-format tensorflow_metadata Schema: {e}") from None
+    return _stable_copy(os.path.join(pipeline_root, "schema"), "curated", text)
 
 
 def input_location(data: str):
@@ -173,7 +151,9 @@ def create_pipeline(config: PipelineConfig, *, data: str, pipeline_root: str, se
     from tfx.proto import example_gen_pb2
 
     from pipelines.components import spec_example_gen
+    from pipelines.components import pusher as pusher_executor
     from pipelines.components.anomaly_gate import AnomalyGate
+    from pipelines.components.spec_schema import ConformSchema
 
     input_base, pattern = input_location(data) if not data.startswith(("gs://", "s3://")) else (data, "*")
     pipeline_root = os.path.abspath(pipeline_root) if "://" not in pipeline_root else pipeline_root
@@ -195,14 +175,23 @@ def create_pipeline(config: PipelineConfig, *, data: str, pipeline_root: str, se
         custom_executor_spec=executor_spec.BeamExecutorSpec(spec_example_gen.Executor)).with_id(EXAMPLE_GEN)
 
     statistics_gen = tfx.components.StatisticsGen(examples=example_gen.outputs["examples"]).with_id(STATISTICS_GEN)
-    schema_gen = tfx.components.ImportSchemaGen(
-        schema_file=write_schema(config, pipeline_root, schema_file)).with_id(SCHEMA_GEN)
+    if schema_file:
+        schema_gen = tfx.components.ImportSchemaGen(
+            schema_file=import_schema(pipeline_root, schema_file)).with_id(SCHEMA_GEN)
+        schema = schema_gen.outputs["schema"]
+        schema_components = [schema_gen]
+    else:
+        schema_gen = tfx.components.SchemaGen(statistics=statistics_gen.outputs["statistics"]).with_id(SCHEMA_GEN)
+        conform = ConformSchema(inferred=schema_gen.outputs["schema"], dataset=json.dumps(config.dataset, sort_keys=True),
+                                code=code_fingerprint()).with_id(CONFORM_SCHEMA)
+        schema = conform.outputs["schema"]
+        schema_components = [schema_gen, conform]
     example_validator = tfx.components.ExampleValidator(
-        statistics=statistics_gen.outputs["statistics"], schema=schema_gen.outputs["schema"]).with_id(EXAMPLE_VALIDATOR)
+        statistics=statistics_gen.outputs["statistics"], schema=schema).with_id(EXAMPLE_VALIDATOR)
     gate = AnomalyGate(anomalies=example_validator.outputs["anomalies"]).with_id(ANOMALY_GATE)
 
     transform = tfx.components.Transform(
-        examples=example_gen.outputs["examples"], schema=schema_gen.outputs["schema"],
+        examples=example_gen.outputs["examples"], schema=schema,
         # Only what the preprocessing depends on: a model or training change must not invalidate the transform.
         preprocessing_fn=f"{MODULE}.preprocessing_fn",
         custom_config={"dataset": module_config["dataset"], "code": module_config["code"]},
@@ -211,7 +200,7 @@ def create_pipeline(config: PipelineConfig, *, data: str, pipeline_root: str, se
 
     train_args = tfx.proto.TrainArgs(num_steps=int(config.train.train_steps))
     eval_args = tfx.proto.EvalArgs(num_steps=int(config.train.eval_steps) if config.train.eval_steps else None)
-    components = [example_gen, statistics_gen, schema_gen, example_validator, gate, transform]
+    components = [example_gen, statistics_gen, *schema_components, example_validator, gate, transform]
 
     hyperparameters = None
     if config.tuner.enabled:
@@ -224,7 +213,7 @@ def create_pipeline(config: PipelineConfig, *, data: str, pipeline_root: str, se
 
     trainer = tfx.components.Trainer(
         run_fn=f"{MODULE}.run_fn", examples=transform.outputs["transformed_examples"],
-        transform_graph=transform.outputs["transform_graph"], schema=schema_gen.outputs["schema"],
+        transform_graph=transform.outputs["transform_graph"], schema=schema,
         hyperparameters=hyperparameters, train_args=train_args, eval_args=eval_args,
         custom_config=module_config).with_id(TRAINER)
 
@@ -240,6 +229,7 @@ def create_pipeline(config: PipelineConfig, *, data: str, pipeline_root: str, se
 
     pusher = tfx.components.Pusher(
         model=trainer.outputs["model"], model_blessing=evaluator.outputs["blessing"],
+        custom_executor_spec=executor_spec.ExecutorClassSpec(pusher_executor.Executor),
         push_destination=tfx.proto.PushDestination(filesystem=tfx.proto.PushDestination.Filesystem(
             base_directory=os.path.join(serving_dir, config.model_name)))).with_id(PUSHER)
     components += [trainer, baseline, evaluator, pusher]

@@ -3,6 +3,7 @@
     mmoe pipeline run --data FILE_OR_DIR [--config FILE] [--pipeline-root DIR] [--serving-dir DIR]
                       [--train-steps N] [--schema FILE] [--tune] [-- BEAM ARGS...]
     mmoe pipeline run --data gs://... --compile kubeflow --output spec.json --image IMAGE
+    mmoe pipeline schema --out schema.pbtxt [--pipeline-root DIR]   # the last run's schema, to curate
 """
 from __future__ import annotations
 
@@ -43,8 +44,9 @@ def add_commands(subparsers) -> None:
     run.add_argument("--metadata", metavar="FILE", help="SQLite ML Metadata file (default PIPELINE_ROOT/metadata.sqlite)")
     run.add_argument("--train-steps", type=int, help="training steps (default from the config: 2000)")
     run.add_argument("--eval-steps", type=int, help="validation steps per epoch (default: the whole eval split)")
-    run.add_argument("--schema", metavar="FILE", help="curated schema (text proto) to validate against instead of "
-                                                       "the one derived from the dataset spec")
+    run.add_argument("--schema", metavar="FILE", help="curated schema (text proto), imported with ImportSchemaGen, to "
+                                                       "validate against instead of inferring one with SchemaGen "
+                                                       "(`mmoe pipeline schema --out FILE` writes a starting point)")
     run.add_argument("--tune", action="store_true", help="add the Tuner (keras-tuner random search)")
     run.add_argument("--no-cache", action="store_true", help="run every component even if its inputs are unchanged")
     run.add_argument("--model-name", help="TF Serving model name (default from the config: mmoe)")
@@ -54,6 +56,19 @@ def add_commands(subparsers) -> None:
     run.add_argument("--image", default=None, help="container image for --compile (holds this repository)")
     run.add_argument("beam_args", nargs=argparse.REMAINDER, help="after `--`: Beam pipeline arguments")
     run.set_defaults(func=cmd_pipeline_run)
+
+    schema = sub.add_parser(
+        "schema", help="write the schema the last run used (to curate it and pass it with run --schema)",
+        description="Writes the schema of the most recent run recorded under --pipeline-root: without --schema "
+                    "that is SchemaGen's inferred schema held to the dataset spec (types, presence, label values; "
+                    "categorical inputs open to new values).  Edit it and pass it to `mmoe pipeline run --schema "
+                    "FILE` to validate later data against it instead of re-inferring.")
+    schema.add_argument("--out", required=True, metavar="FILE", help="where to write the text-format schema")
+    schema.add_argument("--pipeline-root", default=DEFAULT_PIPELINE_ROOT, metavar="DIR",
+                        help=f"the run's pipeline root (default {DEFAULT_PIPELINE_ROOT})")
+    schema.add_argument("--metadata", metavar="FILE", help="SQLite ML Metadata file (default PIPELINE_ROOT/metadata.sqlite)")
+    schema.add_argument("--pipeline-name", default="mmoe", help="pipeline name (config `pipeline_name`; default mmoe)")
+    schema.set_defaults(func=cmd_pipeline_schema)
 
 
 def config_from_args(args):
@@ -111,4 +126,27 @@ def cmd_pipeline_run(args) -> int:
     if summary.error:
         print(f"error: {summary.error}", file=sys.stderr)
         return EXIT_STOPPED
+    return 0
+
+
+def cmd_pipeline_schema(args) -> int:
+    import shutil
+
+    from pipelines.local_runner import RunSummary, summarise
+
+    metadata = args.metadata or os.path.join(args.pipeline_root, "metadata.sqlite")
+    if not os.path.isfile(metadata):
+        raise FileNotFoundError(f"{metadata}: no ML Metadata store; run `mmoe pipeline run` with this "
+                                f"--pipeline-root first")
+    summary = summarise(RunSummary(pipeline_root=os.path.abspath(args.pipeline_root), metadata_path=metadata),
+                        args.pipeline_name)
+    if not summary.schema_path or not os.path.isfile(summary.schema_path):
+        raise FileNotFoundError(f"the last run of pipeline {args.pipeline_name!r} in {metadata} produced no schema "
+                                f"(it stopped before SchemaGen); run `mmoe pipeline run` again")
+    if os.path.dirname(os.path.abspath(args.out)):
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    shutil.copyfile(summary.schema_path, args.out)
+    kind = "inferred and held to the dataset spec" if summary.schema_inferred else "curated"
+    print(f"wrote {args.out}: the schema of run {summary.run_id} ({kind}, from {summary.schema_path}); "
+          f"curate it and pass it with `mmoe pipeline run --schema {args.out}`")
     return 0

@@ -2,12 +2,19 @@
 
 The slow tests share one successful run (module-scoped fixture) on 600 census
 rows with 30 training steps; a second run on the same store checks caching
-through the command line, a third one trains a much worse model that must not
-be blessed or pushed, and a run on broken data must stop before training.
+through the command line (and that the unchanged model is not pushed again),
+a third one trains a much worse model that must not be blessed or pushed, and
+a run on broken data must stop before training.  One more run, with the Tuner
+and a regression head, is killed once Transform has finished and started
+again: it must complete from the cache.
 """
 import gzip
 import json
 import os
+import signal
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
@@ -59,7 +66,7 @@ def test_config_defaults_and_errors(tmp_path):
 
 
 def test_spec_schema_types_shapes_and_domains():
-    from pipelines.pipeline import spec_schema
+    from pipelines.components.spec_schema import spec_schema
 
     spec = census_spec(1)
     schema = {f.name: f for f in spec_schema(spec).feature}
@@ -96,6 +103,77 @@ def test_example_gen_reader_types_and_leniency(tmp_path):
         list(file_to_examples(str(path), dataset_spec_to_dict(spec)))
 
 
+def _census_frame(n):
+    """The first n sample rows as ExampleGen types them (float columns, str for bytes), as a DataFrame."""
+    import pandas as pd
+
+    from pipelines.components.spec_example_gen import read_columns, typed_columns
+
+    spec = census_spec(1)
+    path = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"mmoe-census-{os.getpid()}.csv")
+    with open(path, "w") as fh:
+        fh.write("".join(_sample_lines(n)))
+    try:
+        columns = typed_columns(read_columns(path, spec), spec)
+    finally:
+        os.remove(path)
+    return pd.DataFrame({k: [v.decode() if isinstance(v, bytes) else v for v in values]
+                         for k, values in columns.items()})
+
+
+def test_conform_schema_keeps_the_contract_and_accepts_new_categories():
+    """SchemaGen's inference (tfdv.infer_schema, as its executor calls it), held to the spec by ConformSchema."""
+    import tensorflow_data_validation as tfdv
+    from tensorflow_metadata.proto.v0 import schema_pb2
+
+    from pipelines.components.spec_schema import conform_schema
+
+    spec = census_spec(1)
+    good = _census_frame(300)
+    inferred = tfdv.infer_schema(tfdv.generate_statistics_from_dataframe(good), infer_feature_shape=True)
+    schema = conform_schema(inferred, spec)
+    features = {f.name: f for f in schema.feature}
+    assert set(features) == set(spec.used_columns)
+    assert all(len(f.shape.dim) == 0 and f.presence.min_fraction == 1 for f in features.values())
+    domains = {d.name: list(d.value) for d in schema.string_domain}
+    assert "Private" in domains[features["class_worker"].domain]  # inferred values kept for curation ...
+    assert features["class_worker"].distribution_constraints.min_domain_mass == 0  # ... but open
+    assert set(domains[features["income_50k"].domain]) == {"- 50000", "50000+"}  # labels stay closed
+    assert not features["income_50k"].HasField("distribution_constraints")
+
+    bad = good.drop(columns=["weeks_worked"])  # a missing column
+    bad["age"] = bad["age"].astype(str)  # text in a numeric column: a wrong type
+    bad.loc[::5, "class_worker"] = "Space agency"  # a new category value
+    stats = tfdv.generate_statistics_from_dataframe(bad)
+    assert "class_worker" in tfdv.validate_statistics(stats, inferred).anomaly_info  # why the schema is relaxed
+    assert set(tfdv.validate_statistics(stats, schema).anomaly_info) == {"age", "weeks_worked"}
+    # A first run on bad data: what SchemaGen infers from it is held to the spec all the same.
+    first = conform_schema(tfdv.infer_schema(stats, infer_feature_shape=True), spec)
+    assert {f.name: f.type for f in first.feature}["age"] == schema_pb2.FLOAT
+    assert set(tfdv.validate_statistics(stats, first).anomaly_info) == {"age", "weeks_worked"}
+
+
+def test_schema_components_inferred_or_imported(tmp_path):
+    from tfx.v1.components import ImportSchemaGen, SchemaGen
+
+    from pipelines import pipeline as pl
+    from pipelines.configs import make_config
+
+    config = make_config(_config_data())
+    paths = dict(data=CENSUS_SAMPLE_PATH, pipeline_root=str(tmp_path / "root"), serving_dir=str(tmp_path / "s"))
+    nodes = {c.id: c for c in pl.create_pipeline(config, **paths).components}
+    assert isinstance(nodes[pl.SCHEMA_GEN], SchemaGen) and pl.CONFORM_SCHEMA in nodes
+    assert nodes[pl.EXAMPLE_VALIDATOR].inputs["schema"].producer_component_id == pl.CONFORM_SCHEMA
+    curated = tmp_path / "curated.pbtxt"
+    curated.write_text('feature { name: "age" type: FLOAT }\n')
+    nodes = {c.id: c for c in pl.create_pipeline(config, schema_file=str(curated), **paths).components}
+    assert isinstance(nodes[pl.SCHEMA_GEN], ImportSchemaGen) and pl.CONFORM_SCHEMA not in nodes
+    assert nodes[pl.TRANSFORM].inputs["schema"].producer_component_id == pl.SCHEMA_GEN
+    curated.write_text("feature { nme: 1 }\n")
+    with pytest.raises(ValueError, match="not a text-format tensorflow_metadata Schema"):
+        pl.create_pipeline(config, schema_file=str(curated), **paths)
+
+
 def test_kubeflow_compile_lists_every_component(tmp_path):
     pytest.importorskip("kfp.pipeline_spec", reason="kfp-pipeline-spec is needed to compile for Kubeflow")
     from pipelines.cli import main
@@ -108,8 +186,8 @@ def test_kubeflow_compile_lists_every_component(tmp_path):
     spec = json.loads(out.read_text())
     spec = spec.get("pipelineSpec", spec)
     tasks = spec["root"]["dag"]["tasks"]
-    for name in ("ExampleGen", "StatisticsGen", "SchemaGen", "ExampleValidator", "AnomalyGate", "Transform",
-                 "Tuner", "Trainer", "Evaluator", "Pusher"):
+    for name in ("ExampleGen", "StatisticsGen", "SchemaGen", "ConformSchema", "ExampleValidator", "AnomalyGate",
+                 "Transform", "Tuner", "Trainer", "Evaluator", "Pusher"):
         assert name in tasks, name
     assert "AnomalyGate" in tasks["Transform"].get("dependentTasks", [])
     text = out.read_text()

@@ -32,6 +32,17 @@ def add_commands(subparsers) -> None:
     serve.add_argument("--grpc-threads", type=int, default=64)
     serve.add_argument("--drain-seconds", type=float, default=10.0,
                        help="on SIGTERM, how long in-flight requests may take to finish")
+    ab = serve.add_argument_group("A/B traffic split and prediction logging (serving/README.md)")
+    ab.add_argument("--split-config", metavar="FILE",
+                    help="JSON traffic split: model, key feature, salt, arms (name, version or label, fraction)")
+    ab.add_argument("--prediction-log-dir", metavar="DIR",
+                    help="log sampled Predict/Classify/Regress calls as TF Serving PredictionLog TFRecords here")
+    ab.add_argument("--prediction-log-sampling-rate", type=float, default=1.0, metavar="R",
+                    help="fraction of calls logged (default 1.0)")
+    ab.add_argument("--prediction-log-max-file-bytes", type=int, default=64 << 20, metavar="N",
+                    help="start a new log file once one reaches N bytes (default 64 MiB)")
+    ab.add_argument("--prediction-log-queue-size", type=int, default=1024, metavar="N",
+                    help="calls waiting for the log writer; beyond that they are dropped and counted")
     serve.set_defaults(func=cmd_serve)
 
     predict = subparsers.add_parser(
@@ -85,10 +96,42 @@ def build_server(args):
         if not (args.ssl_cert and args.ssl_key):
             raise ValueError("TLS needs both --ssl-cert and --ssl-key")
         cert, key = _read(args.ssl_cert, "--ssl-cert"), _read(args.ssl_key, "--ssl-key")
+    split, prediction_logger = _ab_options(args, entries)
     manager = ModelManager(entries, batching=batching, max_batch=args.max_request_batch,
                            poll_seconds=args.file_system_poll_wait_seconds, config_path=args.model_config_file)
     return Server(manager, host=args.host, port=args.port, certificate=cert, private_key=key,
-                  max_workers=args.grpc_threads)
+                  max_workers=args.grpc_threads, split=split, prediction_logger=prediction_logger)
+
+
+def _ab_options(args, entries):
+    """The checked traffic split and the prediction logger the flags ask for (each may be None)."""
+    from serving.ab.prediction_log import PredictionLogger
+    from serving.ab.split import REQUEST_KEY_METADATA, check_split_against_models, load_split_config
+
+    split = None
+    if args.split_config:
+        split = load_split_config(args.split_config)
+        check_split_against_models(split, entries)
+    if not 0.0 <= args.prediction_log_sampling_rate <= 1.0:
+        raise ValueError(f"--prediction-log-sampling-rate must be in [0, 1], got {args.prediction_log_sampling_rate}")
+    if args.prediction_log_max_file_bytes < 1:
+        raise ValueError(f"--prediction-log-max-file-bytes must be >= 1, got {args.prediction_log_max_file_bytes}")
+    if args.prediction_log_queue_size < 1:
+        raise ValueError(f"--prediction-log-queue-size must be >= 1, got {args.prediction_log_queue_size}")
+    logger = None
+    if args.prediction_log_dir:
+        logger = PredictionLogger(args.prediction_log_dir, sampling_rate=args.prediction_log_sampling_rate,
+                                  max_file_bytes=args.prediction_log_max_file_bytes,
+                                  queue_size=args.prediction_log_queue_size,
+                                  split=split.to_dict() if split is not None else None)
+    log = logging.getLogger("mmoe.serving")
+    if split is not None:
+        log.info("traffic split on model %s by %s (salt %r): %s", split.model, split.key or REQUEST_KEY_METADATA,
+                 split.salt, ", ".join(f"{a.name}={a.fraction:g} -> " + (f"version {a.version}" if a.version
+                                       else f"label {a.label}") for a in split.arms))
+    if logger is not None:
+        log.info("logging %g of calls to %s", logger.sampling_rate, logger.log_dir)
+    return split, logger
 
 
 def cmd_serve(args) -> int:

@@ -14,12 +14,20 @@ Classify and Regress pick a task head with `model_spec.signature_name`:
 empty or `serving_default` means the first binary head (Classify) or the
 first head (Regress); otherwise it names the task (e.g. `marital`).  A binary
 head classifies into classes "0" and "1" with scores 1-p and p.
+
+With a traffic split (`serving.ab.split`), Predict, Classify and Regress
+for the split model go to the arm of the request's unit unless the request
+pins a version or label; the response's `model_spec.version` is the served
+version and its trailing metadata `mmoe-split-arm` names the arm.  With a
+`PredictionLogger` (`serving.ab.prediction_log`) sampled calls are logged
+off the request path.
 """
 from __future__ import annotations
 
 import logging
 import signal
 import threading
+import time
 from concurrent import futures
 from typing import Optional
 
@@ -30,6 +38,7 @@ from tensorflow_serving.apis import (classification_pb2, get_model_metadata_pb2,
                                      model_service_pb2_grpc, predict_pb2, prediction_service_pb2_grpc,
                                      regression_pb2)
 
+from serving.ab.split import ARM_METADATA
 from serving.models import ModelManager, Servable
 from serving.tensors import ServingError, invalid, to_numpy, to_proto
 
@@ -69,28 +78,52 @@ def _handle(fn):
 
 
 class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
-    def __init__(self, manager: ModelManager):
+    def __init__(self, manager: ModelManager, split=None, prediction_logger=None):
         self.manager = manager
+        self.split = split                          # serving.ab.split.TrafficSplit or None
+        self.prediction_logger = prediction_logger  # serving.ab.prediction_log.PredictionLogger or None
 
-    def _resolve(self, model_spec):
+    def _resolve(self, model_spec, route=None):
         if not model_spec.name:
             raise invalid("model_spec.name is empty; models: " + ", ".join(self.manager.model_names))
+        if route is not None:
+            return self.manager.use(model_spec.name, route.version, route.label)
         return self.manager.use(model_spec.name, _spec_version(model_spec), model_spec.version_label)
+
+    def _route(self, model_spec, inputs, context):
+        """The split's Route for this request (None without a split)."""
+        if self.split is None or not model_spec.name:
+            return None
+        return self.split.route(model_spec, inputs, context.invocation_metadata() or ())
+
+    def _finish(self, kind: str, request, response, route, started: float, context) -> None:
+        """Name the arm in the trailing metadata and log the call (sampled, never blocking)."""
+        arm = route.arm if route is not None else ""
+        if arm:
+            context.set_trailing_metadata(((ARM_METADATA, arm),))
+        if self.prediction_logger is not None:
+            self.prediction_logger.log(kind, request, response, arm, started)
 
     @_handle
     def Predict(self, request, context):
         """Runs a signature (default serving_default) on the request's named input tensors."""
+        started = time.time()
         inputs = {}
         for name, proto in request.inputs.items():
             inputs[name] = to_numpy(proto, name, MAX_VALUES_PER_INPUT)
         if not inputs:
             raise invalid("the request has no inputs")
-        with self._resolve(request.model_spec) as servable:
+        route = self._route(request.model_spec, inputs, context)
+        with self._resolve(request.model_spec, route) as servable:
+            if self.split is not None:
+                inputs = self.split.model_inputs(request.model_spec.name, inputs,
+                                                 servable.signature(request.model_spec.signature_name).inputs)
             sig, outputs = servable.run(request.model_spec.signature_name, inputs, list(request.output_filter))
             response = predict_pb2.PredictResponse()
             _fill_spec(response.model_spec, servable, sig.name)
         for name, value in outputs.items():
             response.outputs[name].CopyFrom(to_proto(value))
+        self._finish("predict", request, response, route, started, context)
         return response
 
     def _examples(self, request_input) -> np.ndarray:
@@ -135,8 +168,10 @@ class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
     @_handle
     def Classify(self, request, context):
         """Scores tf.Examples with one binary head: classes "0" and "1"."""
+        started = time.time()
         examples = self._examples(request.input)
-        with self._resolve(request.model_spec) as servable:
+        route = self._route(request.model_spec, {"examples": examples}, context)
+        with self._resolve(request.model_spec, route) as servable:
             head = self._head(servable, request.model_spec.signature_name, "binary")
             _, outputs = servable.run("serving_default", {"examples": examples}, [head])
             response = classification_pb2.ClassificationResponse()
@@ -145,19 +180,23 @@ class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
             result = response.result.classifications.add()
             result.classes.add(label="0", score=1.0 - p)
             result.classes.add(label="1", score=p)
+        self._finish("classify", request, response, route, started, context)
         return response
 
     @_handle
     def Regress(self, request, context):
         """Scores tf.Examples with one head (the probability for a binary head)."""
+        started = time.time()
         examples = self._examples(request.input)
-        with self._resolve(request.model_spec) as servable:
+        route = self._route(request.model_spec, {"examples": examples}, context)
+        with self._resolve(request.model_spec, route) as servable:
             head = self._head(servable, request.model_spec.signature_name, None)
             _, outputs = servable.run("serving_default", {"examples": examples}, [head])
             response = regression_pb2.RegressionResponse()
             _fill_spec(response.model_spec, servable, head)
         for value in outputs[head].astype(float):
             response.result.regressions.add(value=value)
+        self._finish("regress", request, response, route, started, context)
         return response
 
     @_handle
@@ -204,22 +243,25 @@ class Server:
 
     `start()` loads the models (first poll) and starts serving; `stop(grace)`
     refuses new RPCs, lets in-flight ones finish within `grace` seconds, then
-    stops polling and batching.
+    stops polling and batching and closes the prediction log.  `split` (a
+    checked `TrafficSplit`) and `prediction_logger` are optional.
     """
 
     def __init__(self, manager: ModelManager, *, host: str = "127.0.0.1", port: int = 8500,
                  certificate: Optional[bytes] = None, private_key: Optional[bytes] = None,
-                 max_workers: int = 64, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES):
+                 max_workers: int = 64, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+                 split=None, prediction_logger=None):
         if (certificate is None) != (private_key is None):
             raise ValueError("TLS needs both a certificate and a private key")
         self.manager = manager
+        self.prediction_logger = prediction_logger
         options = [("grpc.max_receive_message_length", max_message_bytes),
                    ("grpc.max_send_message_length", max_message_bytes),
                    ("grpc.so_reuseport", 0)]
         self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="grpc"),
                                    options=options, maximum_concurrent_rpcs=max_workers * 4)
-        prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(PredictionService(manager),
-                                                                            self._server)
+        prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(
+            PredictionService(manager, split=split, prediction_logger=prediction_logger), self._server)
         model_service_pb2_grpc.add_ModelServiceServicer_to_server(ModelService(manager), self._server)
         self.health = health.HealthServicer(experimental_non_blocking=True)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
@@ -256,6 +298,8 @@ class Server:
         # stop() refuses new RPCs at once and waits for in-flight ones up to `grace`.
         self._server.stop(grace).wait()
         self.manager.stop()
+        if self.prediction_logger is not None:
+            self.prediction_logger.close()
         self._done.set()
 
     def wait(self) -> None:

@@ -182,7 +182,8 @@ def create_pipeline(config: PipelineConfig, *, data: str, pipeline_root: str, se
         schema_components = [schema_gen]
     else:
         schema_gen = tfx.components.SchemaGen(statistics=statistics_gen.outputs["statistics"]).with_id(SCHEMA_GEN)
-        conform = ConformSchema(inferred=schema_gen.outputs["schema"], dataset=json.dumps(config.dataset, sort_keys=True),
+        conform = ConformSchema(inferred=schema_gen.outputs["schema"],
+                                dataset=json.dumps(config.dataset, sort_keys=True),
                                 code=code_fingerprint()).with_id(CONFORM_SCHEMA)
         schema = conform.outputs["schema"]
         schema_components = [schema_gen, conform]

@@ -66,7 +66,8 @@ def add_commands(subparsers) -> None:
     schema.add_argument("--out", required=True, metavar="FILE", help="where to write the text-format schema")
     schema.add_argument("--pipeline-root", default=DEFAULT_PIPELINE_ROOT, metavar="DIR",
                         help=f"the run's pipeline root (default {DEFAULT_PIPELINE_ROOT})")
-    schema.add_argument("--metadata", metavar="FILE", help="SQLite ML Metadata file (default PIPELINE_ROOT/metadata.sqlite)")
+    schema.add_argument("--metadata", metavar="FILE",
+                        help="SQLite ML Metadata file (default PIPELINE_ROOT/metadata.sqlite)")
     schema.add_argument("--pipeline-name", default="mmoe", help="pipeline name (config `pipeline_name`; default mmoe)")
     schema.set_defaults(func=cmd_pipeline_schema)
 

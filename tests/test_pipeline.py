@@ -1,12 +1,13 @@
 """The TFX pipeline: config, schema, ExampleGen reader, Kubeflow compile (fast), and end-to-end runs (slow).
 
 The slow tests share one successful run (module-scoped fixture) on 600 census
-rows with 30 training steps; a second run on the same store checks caching
-through the command line (and that the unchanged model is not pushed again),
-a third one trains a much worse model that must not be blessed or pushed, and
-a run on broken data must stop before training.  One more run, with the Tuner
-and a regression head, is killed once Transform has finished and started
-again: it must complete from the cache.
+rows: two binary heads and a regression head, the Tuner on (2 trials), 30
+training steps.  It is started in a subprocess that is killed (SIGKILL) once
+Transform has finished, then started again, which must complete from the
+cache.  A second run on the same store checks caching through the command
+line (and that the unchanged model is not pushed again), a third one trains a
+much worse model that must not be blessed or pushed, and a run on broken data
+must stop before training.
 """
 import gzip
 import json
@@ -22,7 +23,7 @@ import pytest
 from features.census import CENSUS_SAMPLE_PATH, census_spec
 from features.spec import dataset_spec_to_dict
 
-TASKS = ["income", "marital"]
+TASKS = ["income", "marital"]  # the binary heads; the shared run adds the regression head "weeks"
 
 
 def _sample_lines(n):
@@ -208,14 +209,63 @@ def test_cli_errors_are_clear(tmp_path, capsys):
 # -- slow: end to end ------------------------------------------------------------------------------
 
 
+def _good_config_data():
+    """The shared run: census group 1 plus a regression head (weeks worked, no longer an input), tuned."""
+    data = _config_data(IN_MEMORY)
+    spec = dataset_spec_to_dict(census_spec(1))
+    spec["name"] = "census_group1_weeks"
+    spec["features"] = [f for f in spec["features"] if f["name"] != "weeks_worked"]
+    spec["tasks"].append({"name": "weeks", "kind": "regression", "column": "weeks_worked"})
+    data["dataset"] = spec
+    # The model's own values (4 experts, 16 units, temperature 1) are outside the search space, so the
+    # trained model can only match the Tuner's choice if that choice reached the Trainer.
+    data["tuner"] = {"enabled": True, "max_trials": 2, "steps_per_trial": 5, "num_experts": [2, 3],
+                     "expert_units": [8, 12], "gate_temperature": [0.5, 0.9]}
+    return data
+
+
+def _node_states(metadata_path):
+    """{node: state} of the latest run recorded so far ({} while the store is new or locked)."""
+    from pipelines.local_runner import latest_run
+
+    if not os.path.isfile(metadata_path):
+        return {}
+    try:
+        return {c.node_id: c.state for c in latest_run(metadata_path, "mmoe")[1]}
+    except Exception:  # the running pipeline holds the SQLite lock: look again later
+        return {}
+
+
+def _run_and_kill_after(node, fingerprint, cli_args, log, metadata_path):
+    """`mmoe pipeline run CLI_ARGS` in a subprocess, SIGKILLed as soon as ML Metadata records `node` COMPLETE."""
+    script = ("import sys; from pipelines import configs, pipeline; "
+              f"configs.code_fingerprint = pipeline.code_fingerprint = lambda: {fingerprint!r}; "
+              "from pipelines.cli import main; sys.exit(main(sys.argv[1:]))")
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, "-c", script, "pipeline", "run", *cli_args], stdout=out,
+                                stderr=subprocess.STDOUT, start_new_session=True,
+                                cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    try:
+        deadline = time.time() + 600
+        while _node_states(metadata_path).get(node) != "COMPLETE":
+            assert proc.poll() is None, f"the run ended before {node} finished:\n{log.read_text()[-3000:]}"
+            assert time.time() < deadline, f"{node} did not finish within 10 minutes"
+            time.sleep(1)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
 @pytest.fixture(scope="module")
 def good_run(tmp_path_factory):
-    from pipelines import configs, pipeline
-    from pipelines.configs import make_config
-    from pipelines.local_runner import run_local
+    import yaml
 
-    # The code fingerprint in custom_config is frozen for this module's runs, so that an edit of the
-    # sources while the tests run (other work in the same checkout) cannot defeat the cache check.
+    from pipelines import configs, pipeline
+    from pipelines.configs import load_config_file, make_config
+    from pipelines.local_runner import latest_run, run_local
+
+    # The code fingerprint in custom_config is frozen for this module's runs (the killed subprocess included),
+    # so that an edit of the sources while the tests run (other work in the same checkout) cannot void the cache.
     fingerprint = configs.code_fingerprint()
     patch = pytest.MonkeyPatch()
     patch.setattr(configs, "code_fingerprint", lambda: fingerprint)
@@ -224,10 +274,18 @@ def good_run(tmp_path_factory):
     data = base / "data" / "census.csv"
     data.parent.mkdir()
     data.write_text("".join(_sample_lines(600)))
-    config = make_config(_config_data(IN_MEMORY))
-    summary = run_local(config, data=str(data), pipeline_root=str(base / "root"),
-                        serving_dir=str(base / "serving"))
-    yield {"base": base, "data": data, "summary": summary, "config": config}
+    config_path = base / "pipeline.yaml"
+    config_path.write_text(yaml.safe_dump(_good_config_data()))
+    root, serving = base / "root", base / "serving"
+    metadata = str(root / "metadata.sqlite")
+    _run_and_kill_after(pipeline.TRANSFORM, fingerprint, ["--data", str(data), "--config", str(config_path),
+                                                          "--pipeline-root", str(root), "--serving-dir", str(serving)],
+                        base / "killed_run.log", metadata)
+    killed = {c.node_id: c for c in latest_run(metadata, "mmoe")[1]}
+    config = make_config(load_config_file(str(config_path)))
+    summary = run_local(config, data=str(data), pipeline_root=str(root), serving_dir=str(serving))
+    yield {"base": base, "data": data, "summary": summary, "config": config, "config_path": config_path,
+           "killed": killed}
     patch.undo()
 
 
@@ -252,19 +310,36 @@ def test_multiprocess_beam_workers_import_our_packages(tmp_path):
 
 
 @pytest.mark.slow
+def test_killed_run_completes_from_cache_when_started_again(good_run):
+    from pipelines import pipeline as pl
+    from pipelines.local_runner import format_summary
+
+    killed = {node: c.state for node, c in good_run["killed"].items()}
+    assert killed[pl.TRANSFORM] == "COMPLETE" and pl.PUSHER not in killed, killed  # killed midway
+    assert killed.get(pl.TRAINER) != "COMPLETE", killed
+    s = good_run["summary"]
+    assert s.ok, format_summary(s)
+    states = {c.node_id: c.state for c in s.components}
+    for node in (pl.EXAMPLE_GEN, pl.STATISTICS_GEN, pl.SCHEMA_GEN, pl.CONFORM_SCHEMA, pl.EXAMPLE_VALIDATOR,
+                 pl.ANOMALY_GATE, pl.TRANSFORM):
+        assert states[node] == "CACHED", (node, states)  # reused from the killed run, not executed again
+    for node in (pl.TUNER, pl.TRAINER, pl.EVALUATOR, pl.PUSHER):
+        assert states[node] == "COMPLETE", (node, states)
+    for node, key in ((pl.TRANSFORM, "transform_graph"), (pl.CONFORM_SCHEMA, "schema")):
+        assert s.output_uri(node, key) == good_run["killed"][node].outputs[key][0].uri
+
+
+@pytest.mark.slow
 def test_end_to_end_artifacts(good_run):
     from pipelines import pipeline as pl
 
     s = good_run["summary"]
     assert s.ok, s.error
-    states = {c.node_id: c.state for c in s.components}
-    for node in (pl.EXAMPLE_GEN, pl.STATISTICS_GEN, pl.SCHEMA_GEN, pl.EXAMPLE_VALIDATOR, pl.ANOMALY_GATE,
-                 pl.TRANSFORM, pl.TRAINER, pl.EVALUATOR, pl.PUSHER):
-        assert states.get(node) == "COMPLETE", (node, states)
     examples = s.output_uri(pl.EXAMPLE_GEN, "examples")
     assert sorted(os.listdir(examples)) == ["Split-eval", "Split-train"]
     assert os.listdir(os.path.join(s.output_uri(pl.STATISTICS_GEN, "statistics"), "Split-train"))
-    assert os.path.isfile(os.path.join(s.output_uri(pl.SCHEMA_GEN, "schema"), "schema.pbtxt"))
+    assert s.schema_inferred and os.path.isfile(s.schema_path)
+    assert s.schema_path.startswith(s.output_uri(pl.CONFORM_SCHEMA, "schema"))
     assert s.anomalies == {}
     assert os.path.isdir(os.path.join(s.output_uri(pl.TRANSFORM, "transform_graph"), "transform_fn"))
     assert os.path.isfile(os.path.join(s.model_path, "saved_model.pb"))
@@ -272,7 +347,23 @@ def test_end_to_end_artifacts(good_run):
     assert any(f.startswith("events.out.tfevents") for _, _, files in os.walk(run_dir) for f in files)
     training = json.load(open(os.path.join(run_dir, "training.json")))
     assert training["replicas"] == 1 and training["global_batch"] == 64
-    assert s.blessed is True and s.pushed is True
+    assert s.blessed is True and s.pushed is True and not s.pushed_again
+
+
+@pytest.mark.slow
+def test_tuner_best_hyperparameters_reach_the_trainer(good_run):
+    from pipelines import pipeline as pl
+
+    s = good_run["summary"]
+    with open(os.path.join(s.output_uri(pl.TUNER, "best_hyperparameters"), "best_hyperparameters.txt")) as fh:
+        best = json.load(fh)["values"]
+    assert set(best) == {"num_experts", "expert_units", "gate_temperature", "learning_rate"}
+    with open(os.path.join(s.output_uri(pl.TRAINER, "model_run"), "training.json")) as fh:
+        trained = json.load(fh)["model"]
+    assert best["num_experts"] in (2, 3) and trained["num_experts"] == best["num_experts"]
+    assert list(trained["expert_units"]) == [best["expert_units"]]
+    assert trained["gate_temperature"] == pytest.approx(best["gate_temperature"])
+    assert trained["learning_rate"] == pytest.approx(best["learning_rate"])
 
 
 @pytest.mark.slow
@@ -282,24 +373,30 @@ def test_tfma_metrics_per_head_and_slice(good_run):
     for head in TASKS:
         for metric in ("auc", "binary_crossentropy", "calibration", "example_count", "mean_label"):
             assert metric in overall[head], (head, sorted(overall[head]))
-        assert 0 <= overall[head]["auc"] <= 1
+        assert 0 <= overall[head]["auc"] <= 1 and "root_mean_squared_error" not in overall[head]
     assert overall["marital"]["auc"] > 0.7
+    weeks = overall["weeks"]  # the regression head: RMSE (and MSE), no AUC
+    assert "auc" not in weeks and weeks["example_count"] == overall["income"]["example_count"] > 0
+    assert weeks["root_mean_squared_error"] > 0
+    assert weeks["root_mean_squared_error"] == pytest.approx(weeks["mean_squared_error"] ** 0.5, rel=1e-6)
     assert any(k.startswith("sex=Female") for k in s.metrics)
     assert any(k.startswith("race=White") for k in s.metrics)
+    assert "root_mean_squared_error" in s.metrics[next(k for k in s.metrics if k.startswith("sex="))]["weeks"]
 
 
 @pytest.mark.slow
 def test_pushed_model_loads_and_predicts_per_task(good_run):
     import tensorflow as tf
+    from tfx.dsl.io import fileio
+
+    from pipelines import pipeline as pl
 
     s = good_run["summary"]
     serving = good_run["base"] / "serving" / "mmoe"
     versions = os.listdir(serving)
     assert len(versions) == 1 and versions[0].isdigit()
     assert os.path.realpath(s.pushed_path) == os.path.realpath(serving / versions[0])
-    from pipelines import pipeline as pl
-    from tfx.dsl.io import fileio
-
+    experts = json.load(open(os.path.join(s.output_uri(pl.TRAINER, "model_run"), "training.json")))["model"]
     eval_dir = os.path.join(s.output_uri(pl.EXAMPLE_GEN, "examples"), "Split-eval")
     files = [os.path.join(eval_dir, f) for f in fileio.listdir(eval_dir)]
     records = [r.numpy() for r in tf.data.TFRecordDataset(files, compression_type="GZIP").take(7)]
@@ -308,27 +405,44 @@ def test_pushed_model_loads_and_predicts_per_task(good_run):
     for task in TASKS:
         p = out[task].numpy()
         assert p.shape == (7,) and np.all((p >= 0) & (p <= 1))
-        assert out[f"{task}_gates"].shape == (7, 4)
+        assert out[f"{task}_gates"].shape == (7, experts["num_experts"])
+    assert out["weeks"].shape == (7,) and np.all(np.isfinite(out["weeks"].numpy()))
 
 
 @pytest.mark.slow
-def test_rerun_reuses_cache_through_cli(good_run, tmp_path, capsys):
-    import yaml
-
+def test_rerun_reuses_cache_through_cli_and_does_not_push_again(good_run, capsys):
     from pipelines.cli import main
 
     base = good_run["base"]
-    config = tmp_path / "pipeline.yaml"
-    config.write_text(yaml.safe_dump(_config_data(IN_MEMORY)))
-    code = main(["pipeline", "run", "--data", str(good_run["data"]), "--config", str(config),
+    code = main(["pipeline", "run", "--data", str(good_run["data"]), "--config", str(good_run["config_path"]),
                  "--pipeline-root", str(base / "root"), "--serving-dir", str(base / "serving")])
     out = capsys.readouterr().out
     assert code == 0, out
     # Everything up to the Trainer is reused; the Evaluator runs again because its baseline input changed
-    # (the first run's model is now the latest blessed one).
-    for node in ("ExampleGen", "StatisticsGen", "ExampleValidator", "Transform", "Trainer"):
+    # (the first run's model is now the latest blessed one), and the Pusher finds that model already served.
+    for node in ("ExampleGen", "StatisticsGen", "SchemaGen", "ConformSchema", "ExampleValidator", "Transform",
+                 "Tuner", "Trainer"):
         assert any(line.startswith(node) and "CACHED" in line for line in out.splitlines()), (node, out)
-    assert "income" in out and "marital" in out and "blessed: yes" in out
+    assert "income" in out and "weeks" in out and "blessed: yes" in out
+    assert "already the newest version: not copied again" in out
+    assert len(os.listdir(base / "serving" / "mmoe")) == 1
+
+
+@pytest.mark.slow
+def test_schema_command_writes_the_last_runs_schema(good_run, tmp_path, capsys):
+    from google.protobuf import text_format
+    from tensorflow_metadata.proto.v0 import schema_pb2
+
+    from pipelines.cli import main
+
+    out = tmp_path / "curated" / "schema.pbtxt"
+    assert main(["pipeline", "schema", "--out", str(out), "--pipeline-root", str(good_run["base"] / "root")]) == 0
+    assert "--schema" in capsys.readouterr().out
+    assert out.read_text() == open(good_run["summary"].schema_path).read()
+    features = {f.name: f for f in text_format.Parse(out.read_text(), schema_pb2.Schema()).feature}
+    assert features["class_worker"].distribution_constraints.min_domain_mass == 0
+    assert main(["pipeline", "schema", "--out", str(out), "--pipeline-root", str(tmp_path / "none")]) == 2
+    assert "no ML Metadata store" in capsys.readouterr().err
 
 
 @pytest.mark.slow
@@ -338,7 +452,9 @@ def test_worse_model_is_not_blessed_or_pushed(good_run):
 
     base = good_run["base"]
     versions = sorted(os.listdir(base / "serving" / "mmoe"))
-    data = _config_data(IN_MEMORY, train_steps=1, steps_per_epoch=1)
+    data = _good_config_data()
+    data["tuner"]["enabled"] = False  # the Tuner's learning rate would replace the tiny one
+    data["train"].update(train_steps=1, steps_per_epoch=1)
     data["model"]["learning_rate"] = 1e-7  # one tiny step: an untrained model
     summary = run_local(make_config(data), data=str(good_run["data"]), pipeline_root=str(base / "root"),
                         serving_dir=str(base / "serving"))
@@ -383,29 +499,3 @@ def test_anomalies_stop_the_run_before_training(tmp_path):
     assert not (tmp_path / "serving").exists()
     text = format_summary(summary)
     assert "age" in text and "weeks_worked" in text and "stopped before training" in text
-
-
-@pytest.mark.slow
-def test_tuner_fn_searches_and_run_fn_config_takes_the_best(good_run, tmp_path):
-    """The Tuner's tuner_fn on the shared run's Transform output (the Tuner component calls exactly this)."""
-    from types import SimpleNamespace
-
-    from pipelines import pipeline as pl
-    from pipelines.trainer_module import model_config, tuner_fn
-
-    s = good_run["summary"]
-    examples = s.output_uri(pl.TRANSFORM, "transformed_examples")
-    custom_config = good_run["config"].module_config()
-    custom_config["tuner"].update(max_trials=2, steps_per_trial=4)
-    fn_args = SimpleNamespace(custom_config=custom_config, working_dir=str(tmp_path),
-                              transform_graph_path=s.output_uri(pl.TRANSFORM, "transform_graph"),
-                              train_files=[os.path.join(examples, "Split-train", "*")],
-                              eval_files=[os.path.join(examples, "Split-eval", "*")], train_steps=4, eval_steps=None)
-    result = tuner_fn(fn_args)
-    result.tuner.search(**result.fit_kwargs)
-    best = result.tuner.get_best_hyperparameters()[0]
-    assert set(best.values) == {"num_experts", "expert_units", "gate_temperature", "learning_rate"}
-    config = model_config(custom_config, best.get_config())  # what run_fn does with the Tuner's output
-    assert config.num_experts == best.values["num_experts"]
-    assert config.expert_units == (best.values["expert_units"],)
-    assert config.learning_rate == pytest.approx(best.values["learning_rate"])

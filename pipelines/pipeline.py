@@ -151,7 +151,7 @@ def create_pipeline(config: PipelineConfig, *, data: str, pipeline_root: str, se
     from tfx.proto import example_gen_pb2
 
     from pipelines.components import spec_example_gen
-    from pipelines.components import pusher as pusher_executor
+    from pipelines.components.pusher import Pusher
     from pipelines.components.anomaly_gate import AnomalyGate
     from pipelines.components.spec_schema import ConformSchema
 
@@ -228,9 +228,8 @@ def create_pipeline(config: PipelineConfig, *, data: str, pipeline_root: str, se
         baseline_model=baseline.outputs["model"], eval_config=eval_config(config),
         module_path="pipelines.components.tfma_extractors").with_id(EVALUATOR)
 
-    pusher = tfx.components.Pusher(
+    pusher = Pusher(
         model=trainer.outputs["model"], model_blessing=evaluator.outputs["blessing"],
-        custom_executor_spec=executor_spec.ExecutorClassSpec(pusher_executor.Executor),
         push_destination=tfx.proto.PushDestination(filesystem=tfx.proto.PushDestination.Filesystem(
             base_directory=os.path.join(serving_dir, config.model_name)))).with_id(PUSHER)
     components += [trainer, baseline, evaluator, pusher]

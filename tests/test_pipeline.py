@@ -175,6 +175,50 @@ def test_schema_components_inferred_or_imported(tmp_path):
         pl.create_pipeline(config, schema_file=str(curated), **paths)
 
 
+def test_pusher_does_not_copy_the_newest_version_again(tmp_path):
+    """Our Pusher executor: the newest served version's files == the model -> no copy; an older one -> a push."""
+    from google.protobuf import json_format
+    from tfx.proto import pusher_pb2
+    from tfx.types import standard_artifacts
+
+    from pipelines.components.pusher import Executor
+
+    serving = tmp_path / "serving"
+
+    def model(name, content, version=None):
+        artifact = standard_artifacts.Model()
+        artifact.uri = str(tmp_path / name)
+        for directory in [tmp_path / name / "Format-Serving"] + ([serving / version] if version else []):
+            (directory / "variables").mkdir(parents=True)
+            (directory / "saved_model.pb").write_text(content)
+            (directory / "variables" / "variables.index").write_text(content + " weights")
+        return artifact
+
+    old, new = model("old", "model A", version="1"), model("new", "model B", version="2")
+    blessing = standard_artifacts.ModelBlessing()
+    blessing.uri = str(tmp_path / "blessing")
+    blessing.set_int_custom_property("blessed", 1)
+    destination = pusher_pb2.PushDestination(
+        filesystem=pusher_pb2.PushDestination.Filesystem(base_directory=str(serving)))
+
+    def push(m, name):
+        pushed = standard_artifacts.PushedModel()
+        pushed.uri = str(tmp_path / name)
+        Executor().Do({"model": [m], "model_blessing": [blessing]}, {"pushed_model": [pushed]},
+                      {"push_destination": json_format.MessageToJson(destination)})
+        return pushed
+
+    again = push(new, "push-1")  # version 2 is already this model
+    assert sorted(os.listdir(serving)) == ["1", "2"]
+    assert again.get_string_custom_property("pushed_version") == "2"
+    assert again.get_int_custom_property("pushed") == 1 and again.get_int_custom_property("reused_version") == 1
+    back = push(old, "push-2")  # version 1's model, but 2 is served: a real push makes it the newest
+    assert len(os.listdir(serving)) == 3 and back.get_int_custom_property("reused_version") == 0
+    newest = max(os.listdir(serving), key=int)
+    assert back.get_string_custom_property("pushed_version") == newest
+    assert (serving / newest / "saved_model.pb").read_text() == "model A"
+
+
 def test_kubeflow_compile_lists_every_component(tmp_path):
     pytest.importorskip("kfp.pipeline_spec", reason="kfp-pipeline-spec is needed to compile for Kubeflow")
     from pipelines.cli import main

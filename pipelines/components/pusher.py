@@ -3,9 +3,8 @@
 Re-running the pipeline on unchanged inputs reuses the Trainer's model, but
 the Evaluator runs again (its baseline, the latest blessed model, is now that
 same model), so its new blessing makes TFX's Pusher run and copy the same
-model to a new version directory.  This executor is TFX's filesystem Pusher
-(`tfx.components.Pusher(custom_executor_spec=ExecutorClassSpec(Executor))`)
-with one check first: when the newest version under the push destination holds
+model to a new version directory.  `Pusher` here is TFX's Pusher component
+with this executor, TFX's filesystem push with one check first: when the newest version under the push destination holds
 the same files as the model, nothing is copied and the push is recorded as that
 version (`pushed_version`, `pushed_destination`, plus `reused_version: 1`).
 Only the newest version counts: pushing an older model back makes it served
@@ -19,7 +18,9 @@ from typing import Any, Dict, List, Optional
 
 from absl import logging
 from tfx import types
+from tfx.components.pusher import component as pusher_component
 from tfx.components.pusher import executor as pusher_executor
+from tfx.dsl.components.base import executor_spec
 from tfx.dsl.io import fileio
 from tfx.proto import pusher_pb2
 from tfx.types import artifact_utils, standard_component_specs
@@ -71,3 +72,9 @@ class Executor(pusher_executor.Executor):
                 model_push.set_int_custom_property(REUSED_VERSION_KEY, 1)
                 return
         super().Do(input_dict, output_dict, exec_properties)
+
+
+class Pusher(pusher_component.Pusher):
+    """TFX's Pusher (same inputs, outputs and parameters) running `Executor`."""
+
+    EXECUTOR_SPEC = executor_spec.ExecutorClassSpec(Executor)

@@ -261,6 +261,8 @@ def _good_config_data():
     spec["features"] = [f for f in spec["features"] if f["name"] != "weeks_worked"]
     spec["tasks"].append({"name": "weeks", "kind": "regression", "column": "weeks_worked"})
     data["dataset"] = spec
+    # Weeks are not scaled (MSE in the hundreds at first): a small weight keeps them from swamping the binary heads.
+    data["train"]["loss_weights"] = {"weeks": 0.001}
     # The model's own values (4 experts, 16 units, temperature 1) are outside the search space, so the
     # trained model can only match the Tuner's choice if that choice reached the Trainer.
     data["tuner"] = {"enabled": True, "max_trials": 2, "steps_per_trial": 5, "num_experts": [2, 3],

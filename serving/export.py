@@ -34,6 +34,7 @@ instead of one per distinct batch size.  Rows are independent at inference
 """
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import tempfile
@@ -44,11 +45,25 @@ import tensorflow as tf
 
 from mmoe.models import GATES_SUFFIX, with_gate_outputs
 
+log = logging.getLogger("mmoe.serving")
+
 # Signature names (TF Serving's default key, then ours).
 SERVING_DEFAULT = "serving_default"
 PREDICT_RAW = "predict_raw"
 TRANSFORM_FEATURES = "transform_features"
 EXAMPLES_INPUT = "examples"
+# TF Serving's Classify and Regress APIs: per head, `classify_<task>` (binary heads) and `regress_<task>` (every
+# head), taking serialized tf.Examples under `inputs`.
+CLASSIFY_PREFIX = "classify_"
+REGRESS_PREFIX = "regress_"
+CLASSIFY_INPUTS = "inputs"
+CLASSIFY_CLASSES = "classes"
+CLASSIFY_SCORES = "scores"
+REGRESS_OUTPUTS = "outputs"
+CLASSIFY_METHOD_NAME = "tensorflow/serving/classify"
+REGRESS_METHOD_NAME = "tensorflow/serving/regress"
+# Class labels of a binary head, in the order of their scores (1 - p, p); our server's Classify uses the same.
+BINARY_CLASSES = ("0", "1")
 
 # Written next to saved_model.pb so tools can tell how the export was made
 # without loading it (assets.extra is TF Serving's place for such files).
@@ -71,9 +86,11 @@ class ServingModule(tf.Module):
     call the same functions in process without a save/load round trip.
     """
 
-    def __init__(self, model: keras.Model, tft_output, spec, *, xla: bool, with_gates: bool):
+    def __init__(self, model: keras.Model, tft_output, spec, *, xla: bool, with_gates: bool,
+                 fused_transform: bool = True):
         super().__init__(name="mmoe_serving")
         from features.transform import raw_feature_spec, serving_feature_spec
+        from serving.fast_transform import FusedTransform, FusedTransformError
 
         model = with_gate_outputs(model) if with_gates else model
         # The Keras model is held in a closure, not as a tracked attribute, and only its variables are
@@ -92,16 +109,28 @@ class ServingModule(tf.Module):
         self._output_names = list(model.output.keys())
         self._task_names = [t.name for t in spec.tasks]
         # Compiled by XLA (jit_compile=True) or a plain graph function: the only difference between the two exports.
-        if self._xla:
-            self.dispatch = tf.function(self._dispatch_packed, jit_compile=True, autograph=False)
-        else:
-            self.dispatch = tf.function(self._dispatch, jit_compile=False, autograph=False)
-        # XLA path: model inputs grouped by their transformed dtype (float32 numbers, int64 ids), in model order.
+        self.dispatch = tf.function(self._dispatch_packed, jit_compile=self._xla, autograph=False)
+        # Model inputs grouped by their transformed dtype (float32 numbers, int64 ids), in model order: the
+        # dispatch takes one [batch, n] tensor per group.
         transformed_spec = tft_output.transformed_feature_spec()
         groups: Dict[str, list] = {}
         for name in self._model_inputs:
             groups.setdefault(transformed_spec[name].dtype.name, []).append(name)
         self._groups = tuple((dtype, tuple(names)) for dtype, names in groups.items())
+        # serving_default and predict_raw transform with the fused graph (serving/fast_transform.py), a few ops
+        # instead of tf.Transform's ~1,500; it checks itself against the tf.Transform layer on probe rows and,
+        # should they differ, the export keeps the tf.Transform graph (slower, never wrong).
+        self.fused = None
+        self.transform_kind = "tf.Transform"
+        self.fused_transform_error = ""
+        if fused_transform:
+            try:
+                self.fused = FusedTransform(spec, tft_output, self.tft_layer)
+                self.transform_kind = "fused"
+            except FusedTransformError as err:
+                self.fused_transform_error = str(err)
+                log.warning("serving export keeps the tf.Transform graph: the fused transform does not "
+                            "reproduce it (%s)", err)
 
         example_spec = tf.TensorSpec([None], tf.string, name=EXAMPLES_INPUT)
         raw_specs = {name: tf.TensorSpec([None], f.dtype, name=name) for name, f in self._serving_spec.items()}
@@ -109,6 +138,12 @@ class ServingModule(tf.Module):
         self.serve_raw = tf.function(self._serve_raw, input_signature=[raw_specs], autograph=False)
         self.transform_examples = tf.function(self._transform_examples, input_signature=[example_spec],
                                               autograph=False)
+        inputs_spec = tf.TensorSpec([None], tf.string, name=CLASSIFY_INPUTS)
+        kinds = {t.name: t.kind for t in spec.tasks}
+        self._classify = {name: tf.function(self._classify_fn(name), input_signature=[inputs_spec], autograph=False)
+                          for name in self._task_names if kinds[name] == "binary"}
+        self._regress = {name: tf.function(self._regress_fn(name), input_signature=[inputs_spec], autograph=False)
+                         for name in self._task_names}
 
     # -- the graph pieces ------------------------------------------------------------------
 
@@ -117,21 +152,26 @@ class ServingModule(tf.Module):
         return {k: tf.cast(v, tf.float32) for k, v in outputs.items()}
 
     def _dispatch_packed(self, packed: Dict[str, tf.Tensor]) -> Dict[str, tf.Tensor]:
-        """XLA path: one [batch, n] tensor per transformed dtype, unpacked and cast inside the compiled function."""
+        """One [batch, n] tensor per transformed dtype, unpacked and cast inside the (compiled) function."""
         inputs = {}
         for group, names in self._groups:
             for name, column in zip(names, tf.unstack(packed[group], num=len(names), axis=1)):
                 inputs[name] = tf.cast(column, self._model_inputs[name])
         return self._dispatch(inputs)
 
-    def _model_outputs(self, raw: Dict[str, tf.Tensor]) -> Dict[str, tf.Tensor]:
+    def _packed_inputs(self, raw: Dict[str, tf.Tensor]) -> Dict[str, tf.Tensor]:
+        """Raw serving features -> one [batch, n] model-input tensor per transformed dtype."""
+        if self.fused is not None:
+            return self.fused.packed(raw, self._groups)
         transformed = self.tft_layer(raw)
+        # Pack the ~40 [batch] inputs into one [batch, n] tensor per dtype: a handful of ops outside the
+        # dispatch (stack, pad) instead of a cast and a pad per input, and fewer arguments for the call.
+        return {g: tf.stack([tf.cast(transformed[n], g) for n in names], axis=1) for g, names in self._groups}
+
+    def _model_outputs(self, raw: Dict[str, tf.Tensor]) -> Dict[str, tf.Tensor]:
+        packed = self._packed_inputs(raw)
         if not self._xla:
-            inputs = {name: tf.cast(transformed[name], dtype) for name, dtype in self._model_inputs.items()}
-            return self.dispatch(inputs)
-        # Pack the ~40 [batch] inputs into one [batch, n] tensor per dtype: a handful of ops outside XLA
-        # (stack, pad) instead of a cast and a pad per input, and fewer arguments for the XLA launch.
-        packed = {g: tf.stack([tf.cast(transformed[n], g) for n in names], axis=1) for g, names in self._groups}
+            return self.dispatch(packed)
         batch = tf.shape(next(iter(packed.values())))[0]
         padded_size = _next_power_of_two(batch)
         last = tf.maximum(batch - 1, 0)
@@ -151,10 +191,62 @@ class ServingModule(tf.Module):
         raw = tf.io.parse_example(examples, self._raw_spec)
         return dict(self.tft_layer(raw))
 
+    def _classify_fn(self, task: str):
+        """Classify signature body of one binary head: classes ["0", "1"] with scores [1 - p, p] per example."""
+        def classify(inputs):
+            p = self._serve_examples(inputs)[task]
+            scores = tf.stack([1.0 - p, p], axis=1)
+            classes = tf.tile(tf.constant([BINARY_CLASSES]), tf.stack([tf.shape(p)[0], 1]))
+            return {CLASSIFY_CLASSES: classes, CLASSIFY_SCORES: scores}
+        return classify
+
+    def _regress_fn(self, task: str):
+        """Regress signature body of one head: its score (the probability for a binary head) per example."""
+        def regress(inputs):
+            return {REGRESS_OUTPUTS: self._serve_examples(inputs)[task]}
+        return regress
+
     def signatures(self) -> dict:
-        return {SERVING_DEFAULT: self.serve_examples.get_concrete_function(),
+        sigs = {SERVING_DEFAULT: self.serve_examples.get_concrete_function(),
                 PREDICT_RAW: self.serve_raw.get_concrete_function(),
                 TRANSFORM_FEATURES: self.transform_examples.get_concrete_function()}
+        sigs.update({CLASSIFY_PREFIX + task: fn.get_concrete_function() for task, fn in self._classify.items()})
+        sigs.update({REGRESS_PREFIX + task: fn.get_concrete_function() for task, fn in self._regress.items()})
+        return sigs
+
+
+def _set_method_names(export_dir: str) -> None:
+    """Mark the classify_* / regress_* signatures as TF Serving classification / regression signatures.
+
+    Why after saving: TF2's tf.saved_model.save writes every signature with
+    method_name "tensorflow/serving/predict" and has no way to ask for
+    another, while tensorflow_model_server's Classify and Regress refuse a
+    signature whose method_name is not "tensorflow/serving/classify" /
+    "tensorflow/serving/regress".  The method name is only a label in the
+    MetaGraphDef (tf.saved_model.load ignores it), so the saved_model.pb is
+    rewritten with the right labels, and fingerprint.pb, which holds a hash
+    of saved_model.pb, is written again to match.
+    """
+    from tensorflow.core.protobuf import saved_model_pb2
+
+    path = os.path.join(export_dir, "saved_model.pb")
+    saved = saved_model_pb2.SavedModel()
+    with tf.io.gfile.GFile(path, "rb") as fh:
+        saved.ParseFromString(fh.read())
+    for key, sig in saved.meta_graphs[0].signature_def.items():
+        if key.startswith(CLASSIFY_PREFIX):
+            sig.method_name = CLASSIFY_METHOD_NAME
+        elif key.startswith(REGRESS_PREFIX):
+            sig.method_name = REGRESS_METHOD_NAME
+    with tf.io.gfile.GFile(path, "wb") as fh:
+        fh.write(saved.SerializeToString())
+    fingerprint = os.path.join(export_dir, "fingerprint.pb")
+    if tf.io.gfile.exists(fingerprint):
+        # No public API writes a fingerprint for an existing directory; this is what tf.saved_model.save calls.
+        from tensorflow.python.saved_model.pywrap_saved_model import fingerprinting
+
+        with tf.io.gfile.GFile(fingerprint, "wb") as fh:
+            fh.write(fingerprinting.CreateFingerprintDef(export_dir))
 
 
 # Batch sizes replayed at load time: each is one XLA bucket compiled before the version takes traffic.
@@ -193,7 +285,7 @@ def _write_extras(extra: str, module: ServingModule, spec, xla: bool) -> None:
     tf.io.gfile.makedirs(extra)
     _write_warmup_requests(os.path.join(extra, "tf_serving_warmup_requests"), module._serving_spec)
     with tf.io.gfile.GFile(os.path.join(extra, EXPORT_INFO_FILE), "w") as fh:
-        fh.write(json.dumps({"xla": xla, "tasks": module._task_names,
+        fh.write(json.dumps({"xla": xla, "transform": module.transform_kind, "tasks": module._task_names,
                              "task_kinds": {t.name: t.kind for t in spec.tasks}, "outputs": module._output_names,
                              "features": {k: v.dtype.name for k, v in module._serving_spec.items()},
                              "dataset": spec.name}, indent=1))
@@ -235,7 +327,7 @@ def _check_arguments(model, transform_output_dir, spec, export_dir):
 
 
 def export_serving_model(model: keras.Model, transform_output_dir: str, spec, export_dir: str, *,
-                         xla: bool = True, with_gates: bool = True) -> str:
+                         xla: bool = True, with_gates: bool = True, fused_transform: bool = True) -> str:
     """Writes a SavedModel at export_dir (the caller picks <base>/<name>/<version>) and returns export_dir.
 
     Args:
@@ -250,21 +342,27 @@ def export_serving_model(model: keras.Model, transform_output_dir: str, spec, ex
         xla: run the expert dispatch in a jit_compile=True function (False
             for TF Serving GPU builds, tensorflow/serving#2214).
         with_gates: add `<task>_gates` outputs when the model has gates.
+        fused_transform: serve with `serving.fast_transform.FusedTransform`
+            (checked against the tf.Transform graph at export; that graph is
+            kept if they differ, see `mmoe_export.json`'s "transform");
+            False always uses the tf.Transform graph.
 
     Returns:
         export_dir.
     """
     import tensorflow_transform as tft
 
-    if not isinstance(xla, bool) or not isinstance(with_gates, bool):
-        raise TypeError(f"xla and with_gates must be booleans, got xla={xla!r}, with_gates={with_gates!r}")
+    if not all(isinstance(flag, bool) for flag in (xla, with_gates, fused_transform)):
+        raise TypeError(f"xla, with_gates and fused_transform must be booleans, got xla={xla!r}, "
+                        f"with_gates={with_gates!r}, fused_transform={fused_transform!r}")
     export_dir = _check_arguments(model, transform_output_dir, spec, export_dir)
     tft_output = tft.TFTransformOutput(os.fspath(transform_output_dir))
-    module = ServingModule(model, tft_output, spec, xla=xla, with_gates=with_gates)
+    module = ServingModule(model, tft_output, spec, xla=xla, with_gates=with_gates, fused_transform=fused_transform)
 
     if "://" in export_dir:
         # Remote file systems (gs://, s3://) have no atomic rename: write in place with tf.io.gfile.
         tf.saved_model.save(module, export_dir, signatures=module.signatures())
+        _set_method_names(export_dir)
         _write_extras(os.path.join(export_dir, "assets.extra"), module, spec, xla)
         return export_dir
 
@@ -274,6 +372,7 @@ def export_serving_model(model: keras.Model, transform_output_dir: str, spec, ex
     staging = tempfile.mkdtemp(prefix=f".{os.path.basename(os.path.abspath(export_dir))}.tmp-", dir=parent)
     try:
         tf.saved_model.save(module, staging, signatures=module.signatures())
+        _set_method_names(staging)
         _write_extras(os.path.join(staging, "assets.extra"), module, spec, xla)
         if os.path.isdir(export_dir):
             os.rmdir(export_dir)  # empty (checked above); rename needs it gone

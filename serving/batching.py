@@ -14,6 +14,11 @@ is rerun on its own, so only the faulty one gets the error.
 
 A request larger than `max_batch_size` runs on its own, unbatched: it is
 already a batch, and splitting it would only add copies.
+
+`allowed_batch_sizes` (TF Serving's rule): every batch taken from the queue
+is padded up to the smallest allowed size that holds it, repeating its last
+row, and the padding rows' outputs are dropped; so the model only ever sees
+those shapes (one XLA compilation each, all compiled at warmup).
 """
 from __future__ import annotations
 
@@ -123,13 +128,28 @@ class Batcher:
                 return
             self._execute(batch)
 
+    def padded_size(self, size: int) -> int:
+        """The smallest allowed batch size >= size (size itself when allowed_batch_sizes is empty)."""
+        for allowed in self._params.allowed_batch_sizes:
+            if allowed >= size:
+                return allowed
+        return size
+
+    def _run_padded(self, inputs: Dict[str, np.ndarray], size: int) -> Dict[str, np.ndarray]:
+        """Run `size` rows padded up to the next allowed batch size (repeating the last row); outputs cut back."""
+        padded = self.padded_size(size)
+        if padded == size:
+            return self._run(inputs)
+        inputs = {k: np.concatenate([v, np.repeat(v[-1:], padded - size, axis=0)]) for k, v in inputs.items()}
+        return {k: v[:size] for k, v in self._run(inputs).items()}
+
     def _execute(self, batch: List[_Task]) -> None:
         if len(batch) == 1:
             self._finish(batch[0])
             return
         try:
             merged = {k: np.concatenate([t.inputs[k] for t in batch]) for k in batch[0].inputs}
-            outputs = self._run(merged)
+            outputs = self._run_padded(merged, sum(t.size for t in batch))
         except ServingError as err:
             if err.code != grpc.StatusCode.INVALID_ARGUMENT:
                 for t in batch:
@@ -150,6 +170,6 @@ class Batcher:
 
     def _finish(self, task: _Task) -> None:
         try:
-            task.future.set_result(self._run(task.inputs))
+            task.future.set_result(self._run_padded(task.inputs, task.size))
         except BaseException as err:
             task.future.set_exception(err)

@@ -18,8 +18,9 @@
   format (`max_batch_size { value: 32 }` ...).  That message is not shipped
   in the tensorflow-serving-api wheel, so the subset we honour is declared
   here as a proto with the same field names, numbers and wrapper types; a
-  file written for tensorflow_model_server parses unchanged, and fields we
-  do not implement (e.g. `allowed_batch_sizes`) are accepted and reported.
+  file written for tensorflow_model_server parses unchanged; `allowed_batch_sizes`
+  is honoured (merged batches are padded up to the next allowed size), other
+  fields we do not implement are accepted and ignored.
 """
 from __future__ import annotations
 
@@ -157,6 +158,8 @@ class BatchingParameters:
     batch_timeout_micros: int = 0
     max_enqueued_batches: int = 10
     num_batch_threads: int = 1
+    # Sizes a merged batch is padded up to (TF Serving's rule: strictly increasing, the last = max_batch_size).
+    allowed_batch_sizes: tuple = ()
 
     def __post_init__(self):
         for field in ("max_batch_size", "max_enqueued_batches", "num_batch_threads"):
@@ -164,6 +167,15 @@ class BatchingParameters:
                 raise ValueError(f"batching parameter {field} must be >= 1, got {getattr(self, field)}")
         if self.batch_timeout_micros < 0:
             raise ValueError(f"batching parameter batch_timeout_micros must be >= 0, got {self.batch_timeout_micros}")
+        sizes = tuple(int(s) for s in self.allowed_batch_sizes)
+        object.__setattr__(self, "allowed_batch_sizes", sizes)
+        if sizes:
+            if sizes[0] < 1 or any(b <= a for a, b in zip(sizes, sizes[1:])):
+                raise ValueError(f"batching parameter allowed_batch_sizes must be positive and strictly increasing, "
+                                 f"got {list(sizes)}")
+            if sizes[-1] != self.max_batch_size:
+                raise ValueError(f"batching parameter allowed_batch_sizes must end with max_batch_size "
+                                 f"({self.max_batch_size}), got {list(sizes)}")
 
 
 def parse_batching_parameters(text: str, source: str = "batching parameters") -> BatchingParameters:
@@ -176,6 +188,8 @@ def parse_batching_parameters(text: str, source: str = "batching parameters") ->
     for field in ("max_batch_size", "batch_timeout_micros", "max_enqueued_batches", "num_batch_threads"):
         if message.HasField(field):
             values[field] = int(getattr(message, field).value)
+    if message.allowed_batch_sizes:
+        values["allowed_batch_sizes"] = tuple(int(v) for v in message.allowed_batch_sizes)
     try:
         return BatchingParameters(**values)
     except ValueError as err:

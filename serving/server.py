@@ -156,6 +156,10 @@ class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
                     return task
             raise ServingError(grpc.StatusCode.FAILED_PRECONDITION,
                                f"model {servable.name!r} has no {kind} head; heads: {kinds}")
+        # The export's TF Serving signatures (classify_<task>, regress_<task>) name the same heads.
+        prefix = "classify_" if kind == "binary" else "regress_"
+        if signature_name not in kinds and signature_name.startswith(prefix) and signature_name[len(prefix):] in kinds:
+            signature_name = signature_name[len(prefix):]
         if signature_name not in kinds:
             raise invalid(f"signature_name {signature_name!r} names no task head of model {servable.name!r}; "
                           f"heads: {sorted(kinds)}")

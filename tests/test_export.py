@@ -31,7 +31,8 @@ def _call_examples(loaded_model, examples):
 
 def test_signatures_and_their_inputs_and_outputs(exports, loaded):
     sigs = loaded["xla"].signatures
-    assert set(sigs) == {SERVING_DEFAULT, PREDICT_RAW, TRANSFORM_FEATURES}
+    assert set(sigs) == {SERVING_DEFAULT, PREDICT_RAW, TRANSFORM_FEATURES, "classify_income", "classify_marital",
+                         "regress_income", "regress_marital"}
     _, kwargs = sigs[SERVING_DEFAULT].structured_input_signature
     assert list(kwargs) == ["examples"] and kwargs["examples"].dtype == tf.string
     assert kwargs["examples"].shape.as_list() == [None]
@@ -52,6 +53,46 @@ def test_signatures_and_their_inputs_and_outputs(exports, loaded):
 
     info = json.loads(open(os.path.join(exports.xla_dir, "assets.extra", EXPORT_INFO_FILE)).read())
     assert info["xla"] is True and info["tasks"] == ["income", "marital"]
+    # The fused serving transform passed its export-time check against the tf.Transform graph.
+    assert info["transform"] == "fused"
+
+
+def test_classify_and_regress_signatures_for_tf_serving(exports, loaded):
+    from tensorflow.core.protobuf import saved_model_pb2
+
+    saved = saved_model_pb2.SavedModel()
+    with open(os.path.join(exports.plain_dir, "saved_model.pb"), "rb") as fh:
+        saved.ParseFromString(fh.read())
+    defs = saved.meta_graphs[0].signature_def
+    assert defs[SERVING_DEFAULT].method_name == "tensorflow/serving/predict"
+    for task in ("income", "marital"):
+        classify, regress = defs[f"classify_{task}"], defs[f"regress_{task}"]
+        assert classify.method_name == "tensorflow/serving/classify"
+        assert regress.method_name == "tensorflow/serving/regress"
+        for sig in (classify, regress):
+            assert list(sig.inputs) == ["inputs"] and sig.inputs["inputs"].dtype == tf.string.as_datatype_enum
+        assert set(classify.outputs) == {"classes", "scores"}
+        assert classify.outputs["classes"].dtype == tf.string.as_datatype_enum
+        assert classify.outputs["scores"].dtype == tf.float32.as_datatype_enum
+        assert list(regress.outputs) == ["outputs"] and regress.outputs["outputs"].dtype == tf.float32.as_datatype_enum
+    # The rewritten saved_model.pb still matches its fingerprint and loads; the scores are serving_default's.
+    from tensorflow.core.protobuf import fingerprint_pb2
+    from tensorflow.python.saved_model.pywrap_saved_model import fingerprinting
+
+    fresh = fingerprint_pb2.FingerprintDef.FromString(fingerprinting.CreateFingerprintDef(exports.plain_dir))
+    assert tf.saved_model.experimental.read_fingerprint(exports.plain_dir).saved_model_checksum == \
+        fresh.saved_model_checksum
+    examples = example_bytes(exports.frame, exports.spec, rows=7)
+    for name in ("xla", "plain"):
+        want = _call_examples(loaded[name], examples)
+        sigs = loaded[name].signatures
+        for task in ("income", "marital"):
+            got = sigs[f"classify_{task}"](inputs=tf.constant(examples))
+            np.testing.assert_allclose(got["scores"].numpy()[:, 1], want[task], atol=1e-6)
+            np.testing.assert_allclose(got["scores"].numpy()[:, 0], 1 - want[task], atol=1e-6)
+            assert got["classes"].numpy().tolist() == [[b"0", b"1"]] * len(examples)
+            regressed = sigs[f"regress_{task}"](inputs=tf.constant(examples))["outputs"].numpy()
+            np.testing.assert_allclose(regressed, want[task], atol=1e-6)
 
 
 def test_outputs_equal_the_keras_model(exports, loaded):
@@ -132,12 +173,20 @@ def test_saved_model_cli_reads_the_export(exports):
         assert text in result.stdout
 
 
-def test_export_without_gates(exports, tmp_path):
+def test_export_without_gates_and_with_the_tf_transform_graph(exports, loaded, tmp_path):
     out = export_serving_model(exports.model, exports.transform_dir, exports.spec, str(tmp_path / "m" / "7"),
-                               xla=False, with_gates=False)
+                               xla=False, with_gates=False, fused_transform=False)
     assert out == str(tmp_path / "m" / "7")
-    outputs = tf.saved_model.load(out).signatures[SERVING_DEFAULT].structured_outputs
+    reloaded = tf.saved_model.load(out)
+    outputs = reloaded.signatures[SERVING_DEFAULT].structured_outputs
     assert set(outputs) == {"income", "marital"}
+    info = json.loads(open(os.path.join(out, "assets.extra", EXPORT_INFO_FILE)).read())
+    assert info["transform"] == "tf.Transform"
+    # The tf.Transform graph and the fused transform give the same scores.
+    examples = example_bytes(exports.frame, exports.spec)
+    got, want = _call_examples(reloaded, examples), _call_examples(loaded["plain"], examples)
+    for task in ("income", "marital"):
+        np.testing.assert_allclose(got[task], want[task], atol=1e-6)
     # Staging directories are renamed into place, never left behind.
     assert os.listdir(tmp_path / "m") == ["7"]
 
@@ -151,6 +200,7 @@ def test_export_without_gates(exports, tmp_path):
     ("export_dir", ValueError, "non-empty path"),
     ("nonempty", FileExistsError, "exists and is not empty"),
     ("xla", TypeError, "booleans"),
+    ("fused", TypeError, "booleans"),
     ("other_spec", ValueError, "do not match the spec.s tasks"),
 ])
 def test_bad_arguments_raise_clear_errors(exports, tmp_path, change, error, message):
@@ -175,6 +225,8 @@ def test_bad_arguments_raise_clear_errors(exports, tmp_path, change, error, mess
         kwargs["export_dir"] = ""
     elif change == "xla":
         kwargs["xla"] = "yes"
+    elif change == "fused":
+        kwargs["fused_transform"] = 1
     elif change == "other_spec":
         kwargs["spec"] = census_spec(2)  # task group 2: different tasks and inputs
     with pytest.raises(error, match=message):

@@ -1,0 +1,152 @@
+"""The serving speed paths: the fused transform equals tf.Transform's, allowed_batch_sizes pads batches."""
+import os
+import textwrap
+import threading
+
+import numpy as np
+import pytest
+
+tf = pytest.importorskip("tensorflow")
+
+from serving.batching import Batcher  # noqa: E402
+from serving.config import BatchingParameters, parse_batching_parameters  # noqa: E402
+from serving.testing import raw_columns, tiny_exports  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def exports(tmp_path_factory):
+    return tiny_exports(str(tmp_path_factory.getbasetemp() / "serving-exports"))
+
+
+def _raw_with_edge_cases(frame, spec, vocabulary_of):
+    """Raw serving columns of `frame` with unseen, empty and padded strings and NaN numbers mixed in."""
+    raw = raw_columns(frame, spec)
+    rng = np.random.default_rng(0)
+    for name, values in raw.items():
+        values = values.copy()
+        rows = rng.choice(len(values), size=max(3, len(values) // 4), replace=False)
+        if values.dtype == object:
+            known = vocabulary_of(name) or [b"x"]
+            edits = [b"", b"never seen in training", b"  " + known[0] + b"  ", b" "]
+            for i, row in enumerate(rows):
+                values[row] = edits[i % len(edits)]
+        else:
+            values[rows[::2]] = np.nan
+            values[rows[1::2]] = -values[rows[1::2]] * 1000
+        raw[name] = values
+    return raw
+
+
+def _assert_fused_equals_tf_transform(spec, transform_dir, frame):
+    import tensorflow_transform as tft
+
+    from serving.fast_transform import FusedTransform
+
+    tft_output = tft.TFTransformOutput(transform_dir)
+    layer = tft_output.transform_features_layer()
+    fused = FusedTransform(spec, tft_output, layer)
+    vocabulary = dict(fused._vocabulary_values)
+    raw = _raw_with_edge_cases(frame, spec, lambda name: list(vocabulary.get(name, ())))
+    tensors = {k: tf.constant(v) for k, v in raw.items()}
+    want = layer(tensors)
+    got = fused.transform(tensors)
+    assert set(got) == set(spec.feature_names)
+    for name, value in got.items():
+        expected = want[name].numpy()
+        if expected.dtype.kind == "f":
+            np.testing.assert_allclose(value.numpy(), expected, rtol=1e-6, atol=1e-6, err_msg=name)
+        else:
+            np.testing.assert_array_equal(value.numpy(), expected, err_msg=name)
+    return fused, raw, got
+
+
+def test_fused_transform_equals_tf_transform_on_census(exports):
+    fused, raw, got = _assert_fused_equals_tf_transform(exports.spec, exports.transform_dir, exports.frame)
+    unseen = raw["class_worker"] == b"never seen in training"
+    assert unseen.any()
+    from features.spec import CategoricalFeature
+
+    categorical = [f.name for f in exports.spec.features if isinstance(f, CategoricalFeature)]
+    sizes = dict(zip(categorical, fused._vocab_sizes.numpy()))
+    assert (got["class_worker"].numpy()[unseen] >= sizes["class_worker"]).all()
+
+
+@pytest.mark.slow
+def test_fused_transform_equals_tf_transform_on_a_non_census_spec(tmp_path):
+    """Hashed, top_k-cut, log and bucketized features (the spec of tests/test_dataset_config.py)."""
+    from features.io import read_dataset
+    from features.spec import load_dataset_spec
+    from features.transform import transform_in_process
+    from test_dataset_config import CONFIG, make_csv
+
+    config = tmp_path / "clicks.yaml"
+    config.write_text(textwrap.dedent(CONFIG))
+    spec = load_dataset_spec(config)
+    make_csv(tmp_path / "clicks.csv")
+    frame = read_dataset(tmp_path / "clicks.csv", spec)
+    transform_in_process(spec, frame.iloc[:300], {}, str(tmp_path / "tft"), progress=None)
+    _, raw, got = _assert_fused_equals_tf_transform(spec, str(tmp_path / "tft"), frame.iloc[300:])
+    # "de" is cut by top_k=2: the OOV id 2, as tf.Transform gives.
+    de = raw["country"] == b"de"
+    assert de.any() and (got["country"].numpy()[de] == 2).all()
+
+
+def test_fused_transform_check_catches_a_difference(exports):
+    import tensorflow_transform as tft
+
+    from serving.fast_transform import FusedTransform, FusedTransformError
+
+    tft_output = tft.TFTransformOutput(exports.transform_dir)
+    layer = tft_output.transform_features_layer()
+    fused = FusedTransform(exports.spec, tft_output, layer)
+    fused._mean = tf.constant(fused._mean.numpy() + 0.01)
+    with pytest.raises(FusedTransformError, match="feature 'age'"):
+        fused.check(layer)
+
+
+# -- allowed_batch_sizes ------------------------------------------------------------------------------------
+
+
+def test_allowed_batch_sizes_are_parsed_and_validated():
+    params = parse_batching_parameters("max_batch_size { value: 32 }\nallowed_batch_sizes: 4\n"
+                                       "allowed_batch_sizes: 16\nallowed_batch_sizes: 32\n")
+    assert params.allowed_batch_sizes == (4, 16, 32)
+    with pytest.raises(ValueError, match="strictly increasing"):
+        BatchingParameters(max_batch_size=32, allowed_batch_sizes=(16, 8, 32))
+    with pytest.raises(ValueError, match="end with max_batch_size"):
+        parse_batching_parameters("max_batch_size { value: 32 }\nallowed_batch_sizes: 8\nallowed_batch_sizes: 16\n")
+
+
+def test_batches_are_padded_to_the_next_allowed_size():
+    seen = []
+
+    def run(inputs):
+        seen.append(len(inputs["x"]))
+        return {"y": inputs["x"] * 2.0}
+
+    params = BatchingParameters(max_batch_size=8, batch_timeout_micros=200_000, allowed_batch_sizes=(2, 4, 8))
+    batcher = Batcher(run, params)
+    try:
+        # One request of 3 rows: padded to 4, the padding row's output dropped.
+        out = batcher.run({"x": np.array([1.0, 2.0, 3.0], np.float32)}, 3)
+        np.testing.assert_array_equal(out["y"], [2.0, 4.0, 6.0])
+        # Three concurrent 1-row requests merge into 3 rows, padded to 4; each gets its own row back.
+        results = {}
+        barrier = threading.Barrier(3)
+
+        def client(i):
+            barrier.wait()
+            results[i] = batcher.run({"x": np.array([float(i)], np.float32)}, 1)["y"]
+
+        threads = [threading.Thread(target=client, args=(i,)) for i in range(3)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        assert {i: float(v[0]) for i, v in results.items()} == {0: 0.0, 1: 2.0, 2: 4.0}
+        assert set(seen) <= {2, 4, 8} and 4 in seen
+    finally:
+        batcher.stop()
+    plain = Batcher(run, BatchingParameters(max_batch_size=8))
+    assert plain.padded_size(3) == 3  # no allowed sizes: no padding
+    plain.stop()

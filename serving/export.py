@@ -18,6 +18,17 @@ Signatures:
   label columns) -> every transformed feature, the labels
   (`spec.label_key(task)`) and the weight.  TFMA's Evaluator reads numeric
   labels from raw examples through it (`preprocessing_function_names`).
+* `classify_<task>` (binary heads) and `regress_<task>` (every head): TF
+  Serving's Classify / Regress signatures (method names
+  `tensorflow/serving/classify` / `tensorflow/serving/regress`, set after
+  saving, see `_set_method_names`): `inputs` (serialized tf.Example) ->
+  `classes` ["0", "1"] and `scores` [1 - p, p], or `outputs` (the score).
+
+serving_default and predict_raw transform the raw features with
+`serving.fast_transform.FusedTransform`, a few ops on stacked features built
+from the fitted tf.Transform output and checked against its graph at export
+(`fused_transform=False`, or a failed check, keeps the tf.Transform graph);
+transform_features always runs the tf.Transform graph.
 
 The expert dispatch (the Keras model call: embeddings, experts, gates,
 mixtures, towers) runs inside a `tf.function(jit_compile=True)` when

@@ -77,9 +77,10 @@ def bench_in_process(export_dir, examples, batch, seconds):
     return summarize(latencies, batch * len(latencies), time.perf_counter() - start)
 
 
-def start_server(base, name, batching_file=None):
-    cmd = [sys.executable, "-m", "pipelines.cli", "serve", "--model-base-path", base, "--model-name", name,
-           "--port", "0"]
+def start_server(base=None, name=None, batching_file=None, config_file=None):
+    """`mmoe serve` in a subprocess on a free port, for one model (base, name) or a model config file."""
+    models = ["--model-config-file", config_file] if config_file else ["--model-base-path", base, "--model-name", name]
+    cmd = [sys.executable, "-m", "pipelines.cli", "serve", *models, "--port", "0"]
     if batching_file:
         cmd += ["--batching-parameters-file", batching_file]
     process = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=ROOT,
@@ -176,6 +177,7 @@ def main(argv=None) -> int:
                      f"batch_timeout_micros {{ value: {args.batch_timeout_micros} }}\n"
                      f"max_enqueued_batches {{ value: 1000 }}\nnum_batch_threads {{ value: 2 }}\n")
 
+        load_before = os.getloadavg()
         rows = []  # (mode, batch, clients, export, result)
         for export, path in dirs.items():
             for batch in (1, 32, 256):
@@ -195,6 +197,9 @@ def main(argv=None) -> int:
                     process.wait(60)
         print()
         print_table(rows)
+        # The machine may be shared: the load average says how much the numbers are worth.
+        print("load average (1/5/15 min) before: {:.2f} {:.2f} {:.2f}; after: {:.2f} {:.2f} {:.2f}".format(
+            *load_before, *os.getloadavg()))
         if args.json:
             with open(args.json, "w") as fh:
                 json.dump([{"mode": m, "batch": b, "clients": c, "export": e, **r} for m, b, c, e, r in rows], fh,

@@ -223,8 +223,12 @@ def slice_masks(frame, column: str, labels: Optional[np.ndarray] = None) -> Dict
     return {str(v): (values == v).to_numpy() for v in counts.index}
 
 
+_STARTED = time.time()
+
+
 def print_progress(line: str) -> None:
-    print(line, file=sys.stderr, flush=True)
+    """A progress line on stderr, stamped with the seconds since this module was imported (the command began)."""
+    print(f"[{time.time() - _STARTED:6.1f}s] {line}", file=sys.stderr, flush=True)
 
 
 def evaluate_offline(a: ModelRef, b: ModelRef, data: str, out_dir: str, *, spec=None, config: Optional[str] = None,
@@ -270,6 +274,7 @@ def evaluate_offline(a: ModelRef, b: ModelRef, data: str, out_dir: str, *, spec=
         model_a.retire()
         model_b.retire()
     labels = {h: labels_for(frame, spec, h) for h in compared}
+    say("labels derived; comparing")
 
     def head_inputs(mask=None):
         pick = (lambda x: x) if mask is None else (lambda x: x[mask])

@@ -115,7 +115,7 @@ def main(argv=None) -> int:
     for line in proc.stdout:
         output.append(line)
         now = time.time()
-        for key in ("reading", "A: predicting", "B: predicting", "overall: bootstrap"):
+        for key in ("reading", "A: predicting", "B: predicting", "labels derived", "overall: bootstrap"):
             if key in line:
                 phases[key] = now  # the last progress line of each phase
         last = now
@@ -125,8 +125,9 @@ def main(argv=None) -> int:
         print("".join(output[-30:]))
         print(f"ab-eval failed with exit status {proc.returncode}")
         return 1
-    print("".join(line for line in output if "|" in line or "  " in line)[-3000:])
+    print("".join(line for line in output if not line.startswith("[") and "  " in line)[-3000:])
 
+    from mmoe.training import roc_auc  # noqa: F401  (imported by the stats step; keep its import out of the timing)
     from serving.ab import stats
 
     rng = np.random.default_rng(0)
@@ -141,8 +142,9 @@ def main(argv=None) -> int:
           f"(load average before: {load_before}; after: {load_average()}; {os.cpu_count()} CPUs)\n")
     print("| step | seconds |\n|---|---:|")
     previous = started
-    names = {"reading": "start-up, load both exports, read data", "A: predicting": "predict A",
-             "B: predicting": "predict B", "overall: bootstrap": "bootstrap + DeLong (2 heads)"}
+    names = {"reading": "start-up: imports, load both exports", "A: predicting": "read data, predict A",
+             "B: predicting": "predict B", "labels derived": "derive labels",
+             "overall: bootstrap": "bootstrap + DeLong (2 heads)"}
     for key, name in names.items():
         if key in phases:
             print(f"| {name} | {phases[key] - previous:.1f} |")

@@ -98,6 +98,9 @@ def test_example_gen_reader_types_and_leniency(tmp_path):
     assert first["weeks_worked"].float_list.value  # numeric
     assert first["income_50k"].bytes_list.value[0] in (b"- 50000", b"50000+")  # stripped, no trailing '.'
     assert first["age"].bytes_list.value and examples[1].features.feature["age"].bytes_list.value[0] == b"forty"
+    # Canonical bytes: the hash split must put the same row in the same split in every process.
+    encoded = list(file_to_examples(str(path), dataset_spec_to_dict(spec)))
+    assert all(tf.train.Example.FromString(e).SerializeToString(deterministic=True) == e for e in encoded)
 
     path.write_text(lines[0] + "1,2,3\n")
     with pytest.raises(InputDataError, match=r"line 2: expected 42 fields"):
@@ -263,6 +266,9 @@ def _good_config_data():
     data["dataset"] = spec
     # Weeks are not scaled (MSE in the hundreds at first): a small weight keeps them from swamping the binary heads.
     data["train"]["loss_weights"] = {"weeks": 0.001}
+    # Income has 5-10 positives among ~120 eval rows: after 30 steps its AUC is noise (0.17-0.62 seen), so only
+    # marital (AUC ~0.9) is held to a floor; both are held to the no-regression check against the baseline.
+    data["evaluation"]["auc_floors"] = {"income": 0.0}
     # The model's own values (4 experts, 16 units, temperature 1) are outside the search space, so the
     # trained model can only match the Tuner's choice if that choice reached the Trainer.
     data["tuner"] = {"enabled": True, "max_trials": 2, "steps_per_trial": 5, "num_experts": [2, 3],

@@ -20,9 +20,11 @@ with a header is left out (TFDV reports the dropped column).  Only what cannot
 be mapped to columns at all (a row with the wrong number of fields in a
 headerless file, an unreadable file) raises here, with the file and line.
 
-The examples are encoded from Arrow record batches by tfx_bsl's C++ encoder,
-not one Python proto at a time.  Each file is one Beam element, so files are
-read in parallel and split by hash downstream by the base executor.
+The examples are encoded from Arrow record batches by tfx_bsl's C++ encoder
+and re-serialized with sorted keys (`deterministic=True`), so that the hash
+split puts an example in the same split on every run.  Each file is one Beam
+element, so files are read in parallel and split by hash downstream by the
+base executor.
 """
 from __future__ import annotations
 
@@ -131,6 +133,7 @@ def typed_columns(columns: Dict[str, np.ndarray], spec) -> Dict[str, np.ndarray]
 def file_to_examples(path: str, spec_dict: Dict[str, Any]) -> Iterator[bytes]:
     """Serialized tf.Examples of one file (see the module docstring)."""
     import pyarrow as pa
+    from tensorflow.core.example import example_pb2
     from tfx_bsl.coders import example_coder
 
     from features.spec import dataset_spec_from_dict
@@ -151,7 +154,11 @@ def file_to_examples(path: str, spec_dict: Dict[str, Any]) -> Iterator[bytes]:
                                                                                             type=pa.large_binary())
             arrays.append(pa.LargeListArray.from_arrays(offsets, flat))
             names.append(column)
-        yield from encoder.encode(pa.RecordBatch.from_arrays(arrays, names=names))
+        for record in encoder.encode(pa.RecordBatch.from_arrays(arrays, names=names)):
+            # The encoder writes the feature map in an order that changes from process to process, and the
+            # base executor splits by a hash of these bytes: without a canonical (key-sorted) serialization the
+            # same data would split differently on every run.
+            yield example_pb2.Example.FromString(record).SerializeToString(deterministic=True)
 
 
 @beam.ptransform_fn

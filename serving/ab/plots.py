@@ -62,6 +62,8 @@ def write_plots(out_dir: str, heads: Dict[str, Dict[str, Tuple[np.ndarray, np.nd
             for i, arm in enumerate(arms):
                 weights = np.asarray(gates[arm][task])
                 ax.bar(np.arange(len(weights)) + i * width, weights, width, color=_COLORS.get(arm), label=arm)
+            experts = len(gates[arms[0]][task])
+            ax.set_xticks(np.arange(experts) + width * (len(arms) - 1) / 2, [str(e) for e in range(experts)])
             ax.set(xlabel="expert", ylabel="mean gate weight", title=f"{task}: gate usage")
             ax.legend()
         fig.tight_layout()

@@ -422,7 +422,7 @@ def test_batching_parameters_text_format():
     params = parse_batching_parameters("max_batch_size { value: 128 }\nbatch_timeout_micros { value: 500 }\n"
                                        "max_enqueued_batches { value: 4 }\nnum_batch_threads { value: 2 }\n"
                                        "allowed_batch_sizes: 32\nallowed_batch_sizes: 128\n")
-    assert params == BatchingParameters(128, 500, 4, 2)
+    assert params == BatchingParameters(128, 500, 4, 2, allowed_batch_sizes=(32, 128))  # honoured, not dropped
     with pytest.raises(ValueError, match="max_batch_size must be >= 1"):
         parse_batching_parameters("max_batch_size { value: 0 }")
     with pytest.raises(ValueError, match="not BatchingParameters"):

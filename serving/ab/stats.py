@@ -342,20 +342,7 @@ def paired_bootstrap(heads: Dict[str, Tuple[HeadScores, HeadScores]], resamples:
         what: prefix of the progress lines.
     Returns head -> metric -> [resamples] differences B - A.
     """
-    n = next(iter(heads.values()))[0].n
-    rng = np.random.default_rng(seed)
-    parts: Dict[str, Dict[str, list]] = {h: {} for h in heads}
-    done = 0
-    for size in _chunks(resamples, n):
-        w = resample_counts(rng, n, size)
-        for head, (a, b) in heads.items():
-            ma, mb = a.metrics(w), b.metrics(w)
-            for k in ma:
-                parts[head].setdefault(k, []).append(mb[k] - ma[k])
-        done += size
-        if progress:
-            progress(f"{what}bootstrap {done}/{resamples} resamples")
-    return {h: {k: np.concatenate(v) for k, v in m.items()} for h, m in parts.items()}
+    return _bootstrap(heads, resamples, seed, progress, what, paired=True)
 
 
 def unpaired_bootstrap(heads: Dict[str, Tuple[HeadScores, HeadScores]], resamples: int, seed: int,
@@ -364,13 +351,18 @@ def unpaired_bootstrap(heads: Dict[str, Tuple[HeadScores, HeadScores]], resample
 
     Every head of one arm must be on that arm's rows (same n per arm).
     """
+    return _bootstrap(heads, resamples, seed, progress, what, paired=False)
+
+
+def _bootstrap(heads, resamples, seed, progress, what, paired):
     first = next(iter(heads.values()))
     n_a, n_b = first[0].n, first[1].n
     rng = np.random.default_rng(seed)
     parts: Dict[str, Dict[str, list]] = {h: {} for h in heads}
     done = 0
     for size in _chunks(resamples, max(n_a, n_b)):
-        wa, wb = resample_counts(rng, n_a, size), resample_counts(rng, n_b, size)
+        wa = resample_counts(rng, n_a, size)
+        wb = wa if paired else resample_counts(rng, n_b, size)  # paired: the same rows for A and B
         for head, (a, b) in heads.items():
             ma, mb = a.metrics(wa), b.metrics(wb)
             for k in ma:

@@ -17,9 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import queue
 import shutil
-import subprocess
 import sys
 import tempfile
 import threading
@@ -79,24 +77,11 @@ def bench_in_process(export_dir, examples, batch, seconds):
 
 def start_server(base=None, name=None, batching_file=None, config_file=None):
     """`mmoe serve` in a subprocess on a free port, for one model (base, name) or a model config file."""
+    from serving.testing import start_serve_process
+
     models = ["--model-config-file", config_file] if config_file else ["--model-base-path", base, "--model-name", name]
-    cmd = [sys.executable, "-m", "pipelines.cli", "serve", *models, "--port", "0"]
-    if batching_file:
-        cmd += ["--batching-parameters-file", batching_file]
-    process = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=ROOT,
-                               env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
-    lines: queue.Queue = queue.Queue()
-    threading.Thread(target=lambda: [lines.put(l) for l in process.stdout], daemon=True).start()
-    deadline = time.time() + 300
-    while time.time() < deadline and process.poll() is None:
-        try:
-            line = lines.get(timeout=1)
-        except queue.Empty:
-            continue
-        if line.startswith("serving on "):
-            return process, line.split()[2]
-    process.kill()
-    raise RuntimeError("mmoe serve did not start")
+    return start_serve_process([*models, "--port", "0", *(["--batching-parameters-file", batching_file]
+                                                          if batching_file else [])])
 
 
 def bench_grpc(address, name, examples, batch, clients, seconds):

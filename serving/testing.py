@@ -68,6 +68,36 @@ def raw_columns(frame, spec) -> Dict[str, np.ndarray]:
     return out
 
 
+def start_serve_process(serve_args: List[str], timeout: float = 300.0):
+    """`mmoe serve <serve_args>` in a subprocess; returns (process, "host:port") once it prints "serving on".
+
+    Pass `--port 0` to get a free port.  The caller stops the process.  Raises RuntimeError (after killing it)
+    if the server exits or does not start within `timeout` seconds.
+    """
+    import queue
+    import subprocess
+    import sys
+    import time
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    process = subprocess.Popen([sys.executable, "-m", "pipelines.cli", "serve", *serve_args],
+                               stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=repo,
+                               env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
+    lines: "queue.Queue[str]" = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(line) for line in process.stdout], daemon=True).start()
+    deadline = time.time() + timeout
+    while time.time() < deadline and process.poll() is None:
+        try:
+            line = lines.get(timeout=1)
+        except queue.Empty:
+            continue
+        if line.startswith("serving on "):
+            return process, line.split()[2]
+    process.kill()
+    process.wait(30)
+    raise RuntimeError(f"mmoe serve {' '.join(serve_args)} did not start")
+
+
 def tiny_exports(base_dir: str, rows: int = 1200, seed: int = 0) -> TinyExports:
     """Train a tiny MMoE on census sample rows and export it with and without XLA (cached per base_dir)."""
     with _LOCK:

@@ -3,7 +3,6 @@ and the reader `mmoe ab-eval --logs` uses.  Most tests log hand-made requests (n
 real `mmoe serve` process while it logs."""
 import json
 import os
-import queue
 import shutil
 import signal
 import subprocess
@@ -20,8 +19,6 @@ from tensorflow_serving.apis import predict_pb2, prediction_log_pb2, regression_
 
 from serving.ab.prediction_log import (PredictionLogger, iter_records, log_files, read_prediction_logs,  # noqa: E402
                                        read_split_config, recover_partial_logs)
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _predict(i, rows=2, version=1):
@@ -192,36 +189,18 @@ def exports(tmp_path_factory):
     return tiny_exports(str(tmp_path_factory.getbasetemp() / "serving-exports"))
 
 
-def _read_lines(stream, lines):
-    for line in stream:
-        lines.put(line)
-
-
 def test_logs_of_a_killed_server_process_are_readable(exports, tmp_path):
     from tensorflow_serving.apis import prediction_service_pb2_grpc
     import grpc
 
-    from serving.testing import example_bytes
+    from serving.testing import example_bytes, start_serve_process
 
     base = tmp_path / "models" / "census"
     shutil.copytree(exports.plain_dir, base / "1")
     log_dir = tmp_path / "logs"
-    process = subprocess.Popen([sys.executable, "-m", "pipelines.cli", "serve", "--model-base-path", str(base),
-                                "--model-name", "census", "--port", "0", "--prediction-log-dir", str(log_dir)],
-                               stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=REPO,
-                               env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
-    lines: queue.Queue = queue.Queue()
-    threading.Thread(target=_read_lines, args=(process.stdout, lines), daemon=True).start()
+    process, address = start_serve_process(["--model-base-path", str(base), "--model-name", "census", "--port",
+                                            "0", "--prediction-log-dir", str(log_dir)])
     try:
-        address, deadline = None, time.time() + 240
-        while address is None and time.time() < deadline and process.poll() is None:
-            try:
-                line = lines.get(timeout=1)
-            except queue.Empty:
-                continue
-            if line.startswith("serving on "):
-                address = line.split()[2]
-        assert address, "the server did not start"
         examples = example_bytes(exports.frame, exports.spec, rows=20)
         with grpc.insecure_channel(address) as channel:
             stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)

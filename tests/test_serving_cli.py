@@ -1,12 +1,9 @@
 """TLS, `mmoe serve` as a process (SIGTERM drains in-flight requests), `mmoe predict`, and CLI errors."""
 import datetime
 import ipaddress
-import os
-import queue
 import shutil
 import signal
 import subprocess
-import sys
 import threading
 import time
 
@@ -23,7 +20,7 @@ from serving.client import ModelClient, read_csv_columns  # noqa: E402
 from serving.config import ModelEntry  # noqa: E402
 from serving.models import ModelManager  # noqa: E402
 from serving.server import Server  # noqa: E402
-from serving.testing import example_bytes, tiny_exports  # noqa: E402
+from serving.testing import example_bytes, start_serve_process, tiny_exports  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -95,34 +92,14 @@ def _write_csv(frame, path):
     return path
 
 
-def _read_lines(stream, lines: queue.Queue):
-    for line in stream:
-        lines.put(line)
-
-
 def test_serve_process_predict_cli_and_sigterm_drain(exports, base_path, tmp_path, capsys):
     batching = tmp_path / "batching.config"
     # A long batch timeout keeps a lone request in flight for ~3 s: long enough to SIGTERM in the middle.
     batching.write_text("max_batch_size { value: 64 }\nbatch_timeout_micros { value: 3000000 }\n"
                         "num_batch_threads { value: 1 }\n")
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
-    process = subprocess.Popen([sys.executable, "-m", "pipelines.cli", "serve", "--model-base-path", str(base_path),
-                                "--model-name", "census", "--port", "0", "--batching-parameters-file",
-                                str(batching)], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-                               env=env, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    lines: queue.Queue = queue.Queue()
-    threading.Thread(target=_read_lines, args=(process.stdout, lines), daemon=True).start()
+    process, address = start_serve_process(["--model-base-path", str(base_path), "--model-name", "census",
+                                            "--port", "0", "--batching-parameters-file", str(batching)])
     try:
-        address = None
-        deadline = time.time() + 180
-        while address is None and time.time() < deadline and process.poll() is None:
-            try:
-                line = lines.get(timeout=1)
-            except queue.Empty:
-                continue
-            if line.startswith("serving on "):
-                address = line.split()[2]
-        assert address, "the server did not start"
         assert address.startswith("127.0.0.1:")
 
         # mmoe predict --csv, through the CLI entry point.

@@ -34,3 +34,12 @@ def test_child_peak_is_that_childs_own_peak(tmp_path):
     assert small < 40
     with pytest.raises(RuntimeError, match="failed"):
         child_peak_mb([sys.executable, "-c", "raise SystemExit(3)"])
+
+
+def test_counts_below_one_are_refused(capsys):
+    from benchmarks.memory import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--counts", "1", "0"])
+    assert exit_info.value.code == 2
+    assert "--counts must be >= 1" in capsys.readouterr().err

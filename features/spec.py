@@ -20,7 +20,10 @@ Naming conventions (kept here so every module agrees on them):
   identity); features are named after their raw column, so a serving request
   and a transformed batch use the same keys;
 * the label of task `t` is `f"{t}_label"` (`DatasetSpec.label_key`);
-* the example weight is `WEIGHT_KEY` (``"__weight__"``).
+* the example weight is `WEIGHT_KEY` (``"__weight__"``);
+* a numeric feature with `also_bucketize` adds a second transformed input,
+  its quantile-bucket id, under `bucket_name(name)` (``f"{name}_bucket"``);
+  `DatasetSpec.input_names` lists every transformed input.
 """
 from __future__ import annotations
 
@@ -51,6 +54,14 @@ def transformed_name(feature_name: str) -> str:
     return feature_name
 
 
+BUCKET_SUFFIX = "_bucket"
+
+
+def bucket_name(feature_name: str) -> str:
+    """Transformed name of the quantile-bucket id a numeric feature with `also_bucketize` adds."""
+    return feature_name + BUCKET_SUFFIX
+
+
 def _check_name(kind: str, name: Any) -> None:
     if not isinstance(name, str) or not name:
         raise ValueError(f"{kind} name must be a non-empty string, got {name!r}")
@@ -73,12 +84,16 @@ class NumericFeature:
     applies log1p(max(x, 0)) before z-scoring, for heavy-tailed amounts such
     as capital gains.  `bucketize=N` instead maps the value to one of N
     training-quantile buckets (an integer id in [0, N)), after which the
-    feature is categorical-like with cardinality N.
+    feature is categorical-like with cardinality N.  `also_bucketize=N`
+    keeps the z-scored value and adds the N-quantile bucket id as a second
+    input, `bucket_name(name)`: the network sees the number and can embed
+    its range too (the buckets are of the logged value when `log` is set).
     """
 
     name: str
     log: bool = False
     bucketize: Optional[int] = None
+    also_bucketize: Optional[int] = None
 
     def __post_init__(self):
         _check_name("feature", self.name)
@@ -86,6 +101,16 @@ class NumericFeature:
             raise ValueError(f"feature {self.name!r}: log must be true or false, got {self.log!r}")
         if self.bucketize is not None:
             _check_int(f"feature {self.name!r}", "bucketize", self.bucketize, 2)
+        if self.also_bucketize is not None:
+            _check_int(f"feature {self.name!r}", "also_bucketize", self.also_bucketize, 2)
+            if self.bucketize is not None:
+                raise ValueError(f"feature {self.name!r}: bucketize replaces the number by its bucket and "
+                                 f"also_bucketize adds the bucket to it; give one of them")
+
+    @property
+    def bucket_input(self) -> Optional[str]:
+        """Name of the extra bucket-id input (`also_bucketize`), else None."""
+        return bucket_name(self.name) if self.also_bucketize is not None else None
 
     @property
     def is_categorical(self) -> bool:
@@ -277,6 +302,15 @@ class DatasetSpec:
                 raise ValueError(f"{where}: feature {f.name!r} is not one of the columns")
             if f.name == WEIGHT_KEY:
                 raise ValueError(f"{where}: feature name {WEIGHT_KEY!r} is reserved for the weight")
+        inputs = set(names)
+        for f in self.features:
+            extra = getattr(f, "bucket_input", None)
+            if extra is None:
+                continue
+            if extra in inputs:
+                raise ValueError(f"{where}: feature {f.name!r} adds the input {extra!r} (also_bucketize), which "
+                                 f"is already a feature or another feature's bucket input")
+            inputs.add(extra)
 
         label_sources: Dict[str, str] = {}
         task_names = set()
@@ -299,8 +333,8 @@ class DatasetSpec:
                 raise ValueError(
                     f"{where}: column {t.column!r} is the label source of task {t.name!r} and cannot also be a "
                     f"feature; remove it from features")
-            if self.label_key(t.name) in names:
-                raise ValueError(f"{where}: feature name {self.label_key(t.name)!r} clashes with the label key of "
+            if self.label_key(t.name) in inputs:
+                raise ValueError(f"{where}: input name {self.label_key(t.name)!r} clashes with the label key of "
                                  f"task {t.name!r}")
 
         if self.weight_column is not None:
@@ -323,6 +357,16 @@ class DatasetSpec:
     @property
     def feature_names(self) -> List[str]:
         return [f.name for f in self.features]
+
+    @property
+    def input_names(self) -> List[str]:
+        """Transformed model inputs in spec order: each feature, followed by its bucket id if it adds one."""
+        out = []
+        for f in self.features:
+            out.append(transformed_name(f.name))
+            if getattr(f, "bucket_input", None) is not None:
+                out.append(f.bucket_input)
+        return out
 
     @property
     def task_names(self) -> List[str]:

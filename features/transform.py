@@ -9,7 +9,8 @@ Per feature (see features/spec.py):
 
 * numeric: optional log1p(max(x, 0)); NaN (missing) -> training mean; then
   z-score with the training mean/stddev of the present values, or
-  `bucketize=N` training-quantile bucket ids;
+  `bucketize=N` training-quantile bucket ids; `also_bucketize=N` gives both,
+  the bucket id under `bucket_name(name)`;
 * categorical: stripped string -> vocabulary id (most frequent value first);
   unknown values -> one of the OOV ids after the vocabulary;
 * hashed: stripped string -> FarmHash bucket id.
@@ -216,6 +217,10 @@ def make_preprocessing_fn(spec: DatasetSpec) -> Callable[[Dict[str, tf.Tensor]],
                 else:
                     # A constant column has std 0: emit x - mean (all zeros) rather than inf/NaN.
                     out = (x - mean) / tf.where(std > 0, std, tf.ones_like(std))
+                if f.also_bucketize is not None:
+                    # Same place in the analyzer order as a `bucketize` feature would take (spec order);
+                    # serving/fast_transform.py reads the boundaries in that order.
+                    outputs[f.bucket_input] = tft.bucketize(x, f.also_bucketize, name=f"bucketize_{f.bucket_input}")
             elif isinstance(f, CategoricalFeature):
                 out = vocab_ids[f.name]
             else:  # HashedFeature
@@ -252,6 +257,9 @@ def transformed_feature_info(spec: DatasetSpec, tft_output: tft.TFTransformOutpu
                          "vocab_size": int(tft_output.num_buckets_for_transformed_feature(name))})
         else:
             info.append({"name": name, "kind": "numeric", "vocab_size": None})
+        if getattr(f, "bucket_input", None) is not None:
+            info.append({"name": f.bucket_input, "kind": "categorical",
+                         "vocab_size": int(tft_output.num_buckets_for_transformed_feature(f.bucket_input))})
     return info
 
 
@@ -313,7 +321,7 @@ def _read_record_batch(position):
 def transform_frame(tft_output: tft.TFTransformOutput, spec: DatasetSpec, frame: pd.DataFrame,
                     batch_size: int = 65_536, where: str = "frame") -> Dict[str, np.ndarray]:
     """Apply a fitted transform to a frame of raw columns; returns numpy arrays by output key."""
-    keys = [transformed_name(n) for n in spec.feature_names] + spec.label_keys + [WEIGHT_KEY]
+    keys = spec.input_names + spec.label_keys + [WEIGHT_KEY]
     if len(frame) == 0:
         return {k: np.zeros((0,), np.float32) for k in keys}
     raw_columns = {c: _column_array(frame, c, spec.raw_dtype(c), where) for c in spec.used_columns}

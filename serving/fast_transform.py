@@ -17,8 +17,9 @@ matrices:
   `oov_buckets` (none when it is 1, where the hash is always 0);
 * hashed features: one hash op per distinct `hash_buckets`;
 * all numeric features: one [batch, N] float matrix; log1p, NaN -> training
-  mean and the z-score are each one vectorised op; `bucketize` features one
-  batched searchsorted over their padded quantile boundaries.
+  mean and the z-score are each one vectorised op; `bucketize` features (and
+  the bucket ids `also_bucketize` features add) one batched searchsorted
+  over their padded quantile boundaries.
 
 Training keeps using tf.Transform; nothing here is a second definition of
 the parameters.  They come from the fitted transform itself:
@@ -117,7 +118,10 @@ class FusedTransform(tf.Module):
         features = list(spec.features)
         numeric = [f for f in features if isinstance(f, NumericFeature)]
         zscored = [f for f in numeric if f.bucketize is None]
-        bucketized = [f for f in numeric if f.bucketize is not None]
+        # Every quantile-bucket output, in the order the preprocessing_fn calls tft.bucketize (spec order):
+        # `bucketize` features (output under their own name) and `also_bucketize` ones (under bucket_input).
+        bucketized = [f for f in numeric if f.bucketize is not None or f.also_bucketize is not None]
+        bucket_outputs = [f.name if f.bucketize is not None else f.bucket_input for f in bucketized]
         categorical = [f for f in features if isinstance(f, CategoricalFeature)]
         hashed = [f for f in features if isinstance(f, HashedFeature)]
         strings = categorical + hashed
@@ -187,9 +191,10 @@ class FusedTransform(tf.Module):
         self._vocabulary_values = tuple((name, tuple(values)) for name, values in vocabulary_values.items())
 
         # Columns of the two output matrices: float32 = z-scored numbers; int64 = ids (categorical, hashed,
-        # bucketized), in that order.
+        # quantile buckets), in that order.
         self._float_columns = {f.name: i for i, f in enumerate(zscored)}
-        self._int_columns = {f.name: i for i, f in enumerate(categorical + hashed + bucketized)}
+        self._int_columns = {name: i for i, name in enumerate([f.name for f in categorical + hashed] +
+                                                              bucket_outputs)}
         self.check(tft_layer)
 
     # -- building ---------------------------------------------------------------------------------------------

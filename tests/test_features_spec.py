@@ -142,3 +142,42 @@ def test_weight_key_is_reserved():
     assert WEIGHT_KEY == "__weight__"
     with pytest.raises(ValueError, match="reserved"):
         DatasetSpec("d", ["__weight__", "y"], [NumericFeature("__weight__")], [Task("t", "regression", "y")])
+
+
+def test_also_bucketize_adds_a_bucket_input():
+    from features.spec import bucket_name
+
+    spec = make_spec(features=[HashedFeature("user", 100), NumericFeature("age", log=True, also_bucketize=8),
+                               CategoricalFeature("country")])
+    # The raw features are unchanged; the transformed inputs gain the bucket id right after its number.
+    assert spec.feature_names == ["user", "age", "country"]
+    assert spec.input_names == ["user", "age", "age_bucket", "country"]
+    assert bucket_name("age") == "age_bucket" == spec.feature("age").bucket_input
+    assert NumericFeature("age").bucket_input is None
+    assert make_spec().input_names == make_spec().feature_names
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda: NumericFeature("x", also_bucketize=1), "also_bucketize must be an integer >= 2"),
+    (lambda: NumericFeature("x", also_bucketize=True), "also_bucketize must be an integer"),
+    (lambda: NumericFeature("x", bucketize=4, also_bucketize=4), "give one of them"),
+    # a feature already named like the bucket input
+    (lambda: make_spec(columns=COLUMNS + ("age_bucket",),
+                       features=[NumericFeature("age", also_bucketize=4), CategoricalFeature("age_bucket")]),
+     "adds the input 'age_bucket'"),
+])
+def test_also_bucketize_errors(make, message):
+    with pytest.raises(ValueError) as e:
+        make()
+    assert message in str(e.value)
+
+
+@pytest.mark.parametrize("ext", ["yaml", "json"])
+def test_also_bucketize_round_trip(tmp_path, ext):
+    spec = make_spec(features=[NumericFeature("age", log=True, also_bucketize=16), CategoricalFeature("country")])
+    path = tmp_path / f"spec.{ext}"
+    save_dataset_spec(spec, path)
+    loaded = load_dataset_spec(path)
+    assert loaded == spec and loaded.feature("age").also_bucketize == 16
+    assert dataset_spec_to_dict(spec)["features"][0] == {"name": "age", "type": "numeric", "log": True,
+                                                         "also_bucketize": 16}

@@ -150,3 +150,69 @@ def test_batches_are_padded_to_the_next_allowed_size():
     plain = Batcher(run, BatchingParameters(max_batch_size=8))
     assert plain.padded_size(3) == 3  # no allowed sizes: no padding
     plain.stop()
+
+
+# -- also_bucketize: the number and its quantile-bucket id (features/spec.py) --------------------------------
+
+
+@pytest.mark.slow
+def test_fused_transform_equals_tf_transform_with_also_bucketize(tmp_path):
+    """A numeric feature that also emits a bucket id, beside a bucketize one and a log one: same values as tf.Transform."""
+    import tensorflow_transform as tft
+
+    from features.io import read_dataset
+    from features.spec import load_dataset_spec
+    from features.transform import transform_in_process, transformed_feature_info
+    from serving.fast_transform import FusedTransform
+    from test_dataset_config import CONFIG, make_csv
+
+    config = tmp_path / "clicks.yaml"
+    # age: number + 5 quantile buckets; clicks: log1p number + 3 buckets of the logged value; score stays
+    # bucketize-only, between them in the analyzer order, so a boundary list read out of order would show.
+    text = textwrap.dedent(CONFIG).replace("{name: age, type: numeric}", "{name: age, type: numeric, also_bucketize: 5}")
+    text = text.replace("{name: clicks, type: numeric, log: true}",
+                        "{name: clicks, type: numeric, log: true, also_bucketize: 3}")
+    config.write_text(text)
+    spec = load_dataset_spec(config)
+    assert spec.input_names == ["user_id", "country", "age", "age_bucket", "clicks", "clicks_bucket", "score"]
+    make_csv(tmp_path / "clicks.csv")
+    frame = read_dataset(tmp_path / "clicks.csv", spec)
+    transform_in_process(spec, frame.iloc[:300], {}, str(tmp_path / "tft"), progress=None)
+    tft_output = tft.TFTransformOutput(str(tmp_path / "tft"))
+    info = {i["name"]: i for i in transformed_feature_info(spec, tft_output)}
+    assert info["age"]["kind"] == "numeric" and info["age_bucket"] == {"name": "age_bucket", "kind": "categorical",
+                                                                        "vocab_size": 5}
+    assert info["clicks_bucket"]["vocab_size"] == 3
+
+    layer = tft_output.transform_features_layer()
+    fused = FusedTransform(spec, tft_output, layer)  # runs its own probe check too
+    vocabulary = dict(fused._vocabulary_values)
+    raw = _raw_with_edge_cases(frame.iloc[300:], spec, lambda name: list(vocabulary.get(name, ())))
+    tensors = {k: tf.constant(v) for k, v in raw.items()}
+    want, got = layer(tensors), fused.transform(tensors)
+    assert set(got) == set(spec.input_names)
+    for name, value in got.items():
+        expected = want[name].numpy()
+        if expected.dtype.kind == "f":
+            np.testing.assert_allclose(value.numpy(), expected, rtol=1e-6, atol=1e-6, err_msg=name)
+        else:
+            np.testing.assert_array_equal(value.numpy(), expected, err_msg=name)
+    # The bucket ids are a real function of the value: ordered with it, and spread over the buckets.
+    age, age_bucket = got["age"].numpy(), got["age_bucket"].numpy()
+    order = np.argsort(age, kind="stable")
+    assert (np.diff(age_bucket[order]) >= 0).all()
+    assert len(np.unique(age_bucket)) == 5
+    # The number itself is unchanged by also_bucketize: still the z-score.
+    plain = _spec_without_buckets(text, tmp_path)
+    transform_in_process(plain, read_dataset(tmp_path / "clicks.csv", plain).iloc[:300], {}, str(tmp_path / "plain"),
+                         progress=None)
+    plain_layer = tft.TFTransformOutput(str(tmp_path / "plain")).transform_features_layer()
+    np.testing.assert_allclose(plain_layer(tensors)["age"].numpy(), want["age"].numpy(), rtol=1e-6)
+
+
+def _spec_without_buckets(text, tmp_path):
+    from features.spec import load_dataset_spec
+
+    path = tmp_path / "plain.yaml"
+    path.write_text(text.replace(", also_bucketize: 5", "").replace(", also_bucketize: 3", ""))
+    return load_dataset_spec(path)

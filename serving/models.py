@@ -59,7 +59,17 @@ def _first_line(message: str) -> str:
 
 
 class Signature:
-    """One signature of a loaded SavedModel: its function and input/output specs."""
+    """One signature of a loaded SavedModel: its function and input/output specs.
+
+    `call(inputs)` runs the signature on numpy inputs and returns numpy outputs.
+    It calls the signature's graph function with its flat argument list, bound
+    once here (input order, captured variables, which flat output is which
+    name), instead of the signature wrapper's per-call work (keyword binding,
+    structure checks and packing, distribution-context lookups): about a third
+    of a batch-1 call.  The graph is the same function the wrapper runs; when
+    TensorFlow's internals differ from what this expects, `call` falls back to
+    the public wrapper (`fast_call` is then False).
+    """
 
     def __init__(self, name: str, fn):
         self.name = name
@@ -70,6 +80,48 @@ class Signature:
         # Batchable when every input's first dimension is the (unknown) batch dimension.
         self.batchable = bool(self.inputs) and all(
             s.shape.rank is not None and s.shape.rank >= 1 and s.shape[0] is None for s in self.inputs.values())
+        import tensorflow as tf
+
+        self._constant = tf.constant
+        self._dtypes = {k: spec.dtype for k, spec in self.inputs.items()}
+        self._flat = self._bind_flat_call(fn)
+        self.fast_call = self._flat is not None
+
+    def _bind_flat_call(self, fn):
+        """(graph function, input names in argument order, captured tensors, output names by flat position)."""
+        try:
+            atomic = fn._inference_function
+            order = list(fn._arg_keywords)
+            captured = list(fn.captured_inputs)
+            # Which flat output is which name: TensorFlow's own packing of the flat outputs, applied to their
+            # positions.
+            count = len(atomic.function_type.flat_outputs)
+            packed = atomic.function_type.pack_output(list(range(count)))
+            names = [None] * count
+            for name, position in packed.items():
+                names[position] = name
+            ok = (callable(getattr(atomic, "call_flat", None)) and sorted(order) == sorted(self.inputs)
+                  and None not in names and sorted(names) == sorted(self.outputs)
+                  and len(atomic.cached_definition.signature.input_arg) == len(order) + len(captured)
+                  and not any(callable(c) for c in fn._captured_inputs))
+        except (AttributeError, KeyError, TypeError, IndexError, ValueError):
+            ok = False
+        if not ok:
+            log.warning("signature %s: calling it through the public wrapper (the flat call is unavailable in "
+                        "this TensorFlow version)", self.name)
+            return None
+        return atomic, order, captured, names
+
+    def call(self, inputs: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
+        """Runs the signature (inputs already validated); TensorFlow errors propagate."""
+        constant, dtypes = self._constant, self._dtypes
+        if self._flat is None:
+            out = self.fn(**{k: constant(v, dtype=dtypes[k]) for k, v in inputs.items()})
+            return {k: v.numpy() for k, v in out.items()}
+        atomic, order, captured, names = self._flat
+        args = [constant(inputs[k], dtype=dtypes[k]) for k in order]
+        flat = atomic.call_flat(*args, *captured)
+        return {name: value.numpy() for name, value in zip(names, flat)}
 
     def validate(self, inputs: Dict[str, np.ndarray], max_batch: int) -> int:
         """Checks names, dtypes and shapes; returns the batch size.  Raises ServingError."""
@@ -155,7 +207,7 @@ class Servable:
     def _call(self, sig: Signature, inputs: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
         tf = self._tf
         try:
-            out = sig.fn(**{k: tf.constant(v, dtype=sig.inputs[k].dtype) for k, v in inputs.items()})
+            return sig.call(inputs)
         except tf.errors.InvalidArgumentError as err:
             raise invalid(_first_line(err.message)) from None
         except UnicodeDecodeError:
@@ -170,7 +222,6 @@ class Servable:
             raise ServingError(grpc.StatusCode.RESOURCE_EXHAUSTED, _first_line(err.message)) from None
         except tf.errors.OpError as err:
             raise ServingError(grpc.StatusCode.INTERNAL, _first_line(err.message)) from None
-        return {k: v.numpy() for k, v in out.items()}
 
     def run(self, signature_key: str, inputs: Dict[str, np.ndarray],
             output_filter: Optional[List[str]] = None) -> Tuple[Signature, Dict[str, np.ndarray]]:

@@ -12,8 +12,9 @@ One bad request must not fail its batch-mates: if a merged call fails with
 INVALID_ARGUMENT (e.g. one malformed tf.Example), each request of the batch
 is rerun on its own, so only the faulty one gets the error.
 
-A request larger than `max_batch_size` runs on its own, unbatched: it is
-already a batch, and splitting it would only add copies.
+A request of `max_batch_size` examples or more runs on its own, on the
+calling thread: it is already a full batch, nothing could merge with it, and
+splitting a larger one would only add copies.
 
 `allowed_batch_sizes` (TF Serving's rule): every batch taken from the queue
 is padded up to the smallest allowed size that holds it, repeating its last
@@ -68,8 +69,8 @@ class Batcher:
 
     def run(self, inputs: Dict[str, np.ndarray], size: int) -> Dict[str, np.ndarray]:
         """Blocking call: returns this request's rows of the merged batch's outputs."""
-        if size > self._params.max_batch_size:
-            return self._run(inputs)
+        if size >= self._params.max_batch_size:
+            return self._run(inputs)  # a full batch on its own: nothing can merge with it
         task = _Task(inputs, size)
         p = self._params
         with self._cond:
@@ -81,9 +82,16 @@ class Batcher:
                 raise ServingError(grpc.StatusCode.RESOURCE_EXHAUSTED,
                                    f"the batching queue is full ({p.max_enqueued_batches} batches of up to "
                                    f"{p.max_batch_size} examples waiting); retry later")
+            # Wake a batch thread only when it has something to do: the queue was empty (an idle thread starts
+            # collecting) or a batch is now full (the collecting thread need not wait for the timeout).  Waking
+            # one on every request made each request pay a thread switch with no effect.
+            was_empty = not self._queue
             self._queue.append(task)
             self._queued_examples += size
-            self._cond.notify()
+            if self._queued_examples >= p.max_batch_size:
+                self._cond.notify_all()
+            elif was_empty:
+                self._cond.notify()
         return task.future.result()
 
     def stop(self) -> None:
@@ -100,26 +108,29 @@ class Batcher:
         p = self._params
         timeout = p.batch_timeout_micros / 1e6
         with self._cond:
-            while not self._queue:
-                if self._stopped:
-                    return []
-                self._cond.wait()
-            # Wait for a full batch or the timeout of the oldest request, whichever comes first.
-            deadline = self._queue[0].enqueued + timeout
-            while self._queued_examples < p.max_batch_size and not self._stopped:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    break
-                self._cond.wait(left)
-            batch, total = [], 0
-            while self._queue and total + self._queue[0].size <= p.max_batch_size:
-                task = self._queue.popleft()
-                batch.append(task)
-                total += task.size
-            self._queued_examples -= total
-            if self._queue:
-                self._cond.notify()  # another batch thread can start on the rest
-            return batch
+            while True:
+                while not self._queue:
+                    if self._stopped:
+                        return []  # only now does the thread end: stopped and nothing left to run
+                    self._cond.wait()
+                # Wait for a full batch or the timeout of the oldest request, whichever comes first.
+                deadline = self._queue[0].enqueued + timeout
+                while self._queued_examples < p.max_batch_size and not self._stopped:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        break
+                    self._cond.wait(left)
+                batch, total = [], 0
+                while self._queue and total + self._queue[0].size <= p.max_batch_size:
+                    task = self._queue.popleft()
+                    batch.append(task)
+                    total += task.size
+                self._queued_examples -= total
+                if self._queue:
+                    self._cond.notify()  # another batch thread can start on the rest
+                if batch:
+                    return batch
+                # Another batch thread, collecting at the same time, took these requests: keep serving.
 
     def _loop(self) -> None:
         while True:

@@ -255,3 +255,45 @@ def test_signature_call_falls_back_to_the_public_wrapper(exports, monkeypatch):
     want = sig.fn(examples=tf.constant(examples, tf.string))
     for name, value in want.items():
         np.testing.assert_array_equal(out[name], value.numpy())
+
+
+# -- the batcher's threads --------------------------------------------------------------------------------------
+
+
+def test_batch_threads_survive_collecting_at_the_same_time():
+    """Two batch threads waiting on the same requests: the one left with nothing goes on serving, not exit."""
+    params = BatchingParameters(max_batch_size=64, batch_timeout_micros=20_000, num_batch_threads=2)
+    batcher = Batcher(lambda inputs: {"y": inputs["x"] * 2.0}, params)
+    try:
+        for _ in range(10):
+            results = []
+            threads = [threading.Thread(target=lambda i=i: results.append(
+                float(batcher.run({"x": np.array([float(i)], np.float32)}, 1)["y"][0]))) for i in range(5)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(30)
+            assert sorted(results) == [0.0, 2.0, 4.0, 6.0, 8.0]
+        assert all(t.is_alive() for t in batcher._threads)
+    finally:
+        batcher.stop()
+    assert not any(t.is_alive() for t in batcher._threads)
+
+
+def test_a_full_batch_runs_on_the_calling_thread():
+    ran_on = []
+
+    def run(inputs):
+        ran_on.append(threading.current_thread())
+        return {"y": inputs["x"] + 1.0}
+
+    batcher = Batcher(run, BatchingParameters(max_batch_size=4, batch_timeout_micros=1_000_000))
+    try:
+        out = batcher.run({"x": np.arange(4, dtype=np.float32)}, 4)
+        np.testing.assert_array_equal(out["y"], [1.0, 2.0, 3.0, 4.0])
+        assert ran_on == [threading.current_thread()]
+        out = batcher.run({"x": np.arange(2, dtype=np.float32)}, 2)  # smaller: queued, run by a batch thread
+        np.testing.assert_array_equal(out["y"], [1.0, 2.0])
+        assert ran_on[1] in batcher._threads
+    finally:
+        batcher.stop()

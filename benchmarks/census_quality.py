@@ -5,15 +5,18 @@ Protocols (chosen by how many --data files are given):
   (b) one file (on these machines the 99,762-row test file): a seeded 60/20/20 split.
 
 For every task group and architecture: optionally a documented search on validation only
-(--search: a coordinate search, one axis at a time from the best point so far, over learning
-rate, batch size, widths, experts, dropout, embedding width and the census instance weight;
-each point is one training run, seed 0, early stopping on the main task's validation AUC),
-then --seeds training runs with the chosen settings; test AUC as mean +- std and the best run.
+(--search: a coordinate search, one axis at a time from the best point so far, over the numeric
+input representation, learning rate, batch size, learning-rate schedule, weight decay, dropout,
+widths, experts, tower width, embedding width, the census instance weight, patience, the main
+task's loss weight and the bucket count (`search_axes`); each point is one training run, seed 0,
+early stopping on the main task's validation AUC), then --seeds training runs with the chosen
+settings (CHOSEN); test AUC as mean +- std and the best run.
 
 The anchor is scikit-learn's HistGradientBoostingClassifier (native categorical support), one
 model per task, on the same transformed features, rows and splits; like the networks it is
-stopped at the boosting iteration with the best validation AUC, and its learning rate, leaf
-count, leaf size and L2 are chosen on validation by the same kind of coordinate search.
+stopped at the boosting iteration with the best validation AUC, and its learning rate and leaf
+count are chosen on validation by the same kind of coordinate search (--search or --anchor-search;
+HGB_AXES). --anchor-numeric gives it the networks' numeric inputs (bucket ids beside the numbers).
 
     mmoe data export --data ../shared/data/census-income/census-income.test.gz --task-group 1 --out /tmp/g1.npz
     python benchmarks/census_quality.py --arrays /tmp/g1.npz --archs mmoe shared_bottom --seeds 5 --search
@@ -28,6 +31,7 @@ tables and a markdown table of test AUC.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -53,8 +57,26 @@ GROUP_TASKS = {("income", "marital"): 1, ("education", "marital"): 2}
 BASE = {"learning_rate": 1e-3, "batch_size": 512, "num_experts": 8, "expert_units": (64,), "bottom_units": (128,),
         "tower_units": (32,), "expert_dropout": 0.0, "tower_dropout": 0.0, "embedding_dim": 16,
         "use_weights": False}
-# Chosen settings per (group, arch) found by --search; used without --search (see BENCHMARKS.md).
-CHOSEN: dict = {}
+# Training-only settings (not ModelConfig fields); absent means the default given here, and a setting
+# equal to its default is left out of the cache key so runs from before the key existed still match.
+#   numeric: how numeric inputs reach the network: "zscore" (the z-scored value only), "buckets" (only a
+#     quantile-bucket id, embedded) or "both"; bucket ids are the spec's `also_bucketize` twins
+#     (`<name>_bucket`) when the arrays have them, else derived here from training-split quantiles
+#     (`numeric_buckets` of them) of the transformed value.
+#   schedule: "constant", "plateau" (learning rate x0.3 after 2 epochs without a better main-task
+#     validation AUC) or "cosine" (cosine decay to 1% over `cosine_epochs` epochs, then constant).
+#   weight_decay: > 0 trains with AdamW (decoupled weight decay) instead of Adam.
+#   patience: early-stopping patience (epochs) on the main task's validation AUC.
+#   main_loss_weight: weight of the main task's loss (the other task's stays 1).
+TRAIN_DEFAULTS = {"numeric": "zscore", "numeric_buckets": 16, "schedule": "constant", "cosine_epochs": 20,
+                  "weight_decay": 0.0, "patience": None, "main_loss_weight": 1.0}
+TRAIN_KEYS = {"batch_size", "use_weights", *TRAIN_DEFAULTS}
+BUCKET_SUFFIX = "_bucket"
+# Chosen settings per (group, arch): the group 1 MMoE search's result (--search, seed 0, validation income
+# AUC 0.9427 against 0.9411 at BASE; the table prints with the group 1 command), used without --search, for
+# Shared-Bottom and for group 2 as well (no search of their own).
+_SEARCHED_G1_MMOE = {**BASE, "batch_size": 256, "numeric": "both", "numeric_buckets": 64, "schedule": "cosine"}
+CHOSEN: dict = {(group, arch): _SEARCHED_G1_MMOE for group in (1, 2) for arch in ("mmoe", "shared_bottom")}
 
 
 def search_axes(arch):
@@ -64,9 +86,23 @@ def search_axes(arch):
     there); the axes are the ones expected to matter most on 60k rows: regularisation, then width.
     """
     width = "expert_units" if arch in ("mmoe", "omoe", "cgc", "ple") else "bottom_units"
-    widths = [(64,), (128,)] if width == "expert_units" else [(128,), (256,)]
-    return [("dropout", [{"expert_dropout": v, "tower_dropout": v} for v in (0.0, 0.2)]),
+    widths = [(32,), (64,), (128,), (128, 64)] if width == "expert_units" else [(128,), (256,), (256, 128)]
+    axes = [("numeric", [{"numeric": v} for v in ("zscore", "buckets", "both")]),
+            ("learning_rate", [{"learning_rate": v} for v in (1e-3, 3e-4, 3e-3)]),
+            ("batch_size", [{"batch_size": v} for v in (512, 256, 2048)]),
+            ("schedule", [{"schedule": v} for v in ("constant", "plateau", "cosine")]),
+            ("weight_decay", [{"weight_decay": v} for v in (0.0, 1e-4, 1e-2)]),
+            ("dropout", [{"expert_dropout": v, "tower_dropout": v} for v in (0.0, 0.2)]),
             (width, [{width: v} for v in widths])]
+    if arch in ("mmoe", "omoe"):
+        axes.append(("num_experts", [{"num_experts": v} for v in (8, 4, 16)]))
+    axes += [("tower_units", [{"tower_units": v} for v in ((32,), (64,))]),
+             ("embedding_dim", [{"embedding_dim": v} for v in (16, 8, 32)]),
+             ("use_weights", [{"use_weights": v} for v in (False, True)]),
+             ("patience", [{"patience": v} for v in (None, 8)]),
+             ("main_loss_weight", [{"main_loss_weight": v} for v in (1.0, 3.0, 0.5)]),
+             ("numeric_buckets", [{"numeric_buckets": v} for v in (16, 32, 64)])]
+    return axes
 
 
 # The anchor's search, same scheme: (axis, candidate values) from the first point.
@@ -109,14 +145,67 @@ def prepare_data(data, group, split_seed, workdir, log):
 # -- one training run ---------------------------------------------------------------------
 
 
+def train_setting(settings, name):
+    return settings.get(name, TRAIN_DEFAULTS.get(name))
+
+
+def key_settings(settings):
+    """Settings as they enter the cache key: training settings at their defaults are left out."""
+    return jsonable({k: v for k, v in settings.items() if not (k in TRAIN_DEFAULTS and v == TRAIN_DEFAULTS[k])})
+
+
+def _quantile_buckets(train_values, values, n):
+    """Ids in [0, len(boundaries)] from n-quantile boundaries of the training values (repeated ones merged)."""
+    boundaries = np.unique(np.quantile(train_values, np.arange(1, n) / n))
+    return np.searchsorted(boundaries, values, side="right").astype("int64"), len(boundaries) + 1
+
+
+def numeric_inputs(features, splits, mode, n_buckets):
+    """(features, splits) with numeric inputs as `mode` says (see TRAIN_DEFAULTS); the splits are not copied."""
+    from mmoe import InputFeature
+    from mmoe.training import TaskData
+
+    names = {f.name for f in features}
+    numeric = [f for f in features if f.kind == "numeric"]
+    twins = {f.name: f.name + BUCKET_SUFFIX for f in numeric if f.name + BUCKET_SUFFIX in names}
+    if mode == "zscore":
+        keep = [f for f in features if f.name not in twins.values()]
+        return keep, {k: TaskData({f.name: d.inputs[f.name] for f in keep}, d.labels, d.weights)
+                      for k, d in splits.items()}
+    inputs = {k: dict(d.inputs) for k, d in splits.items()}
+    out = list(features)
+    for f in numeric:
+        if f.name in twins:
+            continue
+        train = splits["train"].inputs[f.name]
+        size = None
+        for k in inputs:
+            inputs[k][f.name + BUCKET_SUFFIX], size = _quantile_buckets(train, inputs[k][f.name], n_buckets)
+        out.append(InputFeature(f.name + BUCKET_SUFFIX, "categorical", vocab_size=size))
+        twins[f.name] = f.name + BUCKET_SUFFIX
+    if mode == "buckets":
+        out = [f for f in out if f.name not in twins]
+    elif mode != "both":
+        raise ValueError(f"numeric must be zscore, buckets or both, got {mode!r}")
+    return out, {k: TaskData({f.name: inputs[k][f.name] for f in out}, d.labels, d.weights)
+                 for k, d in splits.items()}
+
+
 def train_once(arch, settings, features, tasks, splits, seed, epochs, patience=4):
     import keras
 
     from mmoe import ModelConfig, build_model, compile_model
-    from mmoe.training import TaskData, evaluate, fit
+    from mmoe.models import task_losses, task_metrics
+    from mmoe.training import TaskData, evaluate, fit, monitor_for
 
-    model_keys = {k: v for k, v in settings.items() if k not in ("batch_size", "use_weights")}
+    model_keys = {k: v for k, v in settings.items() if k not in TRAIN_KEYS}
     config = ModelConfig(arch=arch, **model_keys)
+    main_weight = train_setting(settings, "main_loss_weight")
+    if main_weight != 1.0:
+        tasks = [dataclasses.replace(tasks[0], loss_weight=tasks[0].loss_weight * main_weight), *tasks[1:]]
+    features, splits = numeric_inputs(features, splits, train_setting(settings, "numeric"),
+                                      train_setting(settings, "numeric_buckets"))
+    patience = train_setting(settings, "patience") or patience
     train, valid = splits["train"], splits["valid"]
     if not settings.get("use_weights"):
         train = TaskData(train.inputs, train.labels)
@@ -124,9 +213,27 @@ def train_once(arch, settings, features, tasks, splits, seed, epochs, patience=4
     valid = TaskData(valid.inputs, valid.labels)
     keras.utils.set_random_seed(seed)
     model = compile_model(build_model(config, features, tasks), config, tasks, steps_per_execution=16)
+    schedule, decay = train_setting(settings, "schedule"), train_setting(settings, "weight_decay")
+    callbacks = []
+    if schedule != "constant" or decay:
+        lr = config.learning_rate
+        if schedule == "cosine":
+            steps = -(-len(train.labels[tasks[0].name]) // settings["batch_size"])
+            lr = keras.optimizers.schedules.CosineDecay(lr, steps * train_setting(settings, "cosine_epochs"),
+                                                        alpha=0.01)
+        elif schedule == "plateau":
+            monitor, mode = monitor_for(tasks[0])
+            callbacks.append(keras.callbacks.ReduceLROnPlateau(monitor=monitor, mode=mode, factor=0.3, patience=2,
+                                                               min_lr=1e-5))
+        elif schedule != "constant":
+            raise ValueError(f"schedule must be constant, plateau or cosine, got {schedule!r}")
+        optimizer = (keras.optimizers.AdamW(learning_rate=lr, weight_decay=decay) if decay
+                     else keras.optimizers.Adam(learning_rate=lr))
+        model.compile(optimizer=optimizer, loss=task_losses(tasks), loss_weights={t.name: t.loss_weight for t in tasks},
+                      metrics=task_metrics(tasks), jit_compile=True, steps_per_execution=16)
     started = time.time()
     history = fit(model, tasks, train, valid, epochs=epochs, batch_size=settings["batch_size"],
-                  patience=patience, verbose=0, seed=seed)
+                  patience=patience, verbose=0, seed=seed, callbacks=callbacks)
     result = {"valid": evaluate(model, tasks, splits["valid"]), "test": evaluate(model, tasks, splits["test"]),
               "epochs": len(history.history["loss"]), "seconds": round(time.time() - started, 1),
               "params": model.count_params()}
@@ -135,7 +242,8 @@ def train_once(arch, settings, features, tasks, splits, seed, epochs, patience=4
 
 
 class RunCache:
-    """Training results keyed by everything that determines them; saved after every run."""
+    """Training results keyed by everything that determines them; saved after every run (merged with what
+    other commands saved to the same file meanwhile, so two commands can share it)."""
 
     def __init__(self, path, fresh=False):
         self.path = Path(path)
@@ -144,11 +252,23 @@ class RunCache:
     def get(self, key, compute):
         text = json.dumps(key, sort_keys=True)
         if text not in self.runs:
-            self.runs[text] = compute()
-            tmp = self.path.with_suffix(".tmp")
+            result = compute()
+            # Re-read before writing: another command may have added runs to the same file meanwhile.
+            if self.path.exists():
+                self.runs.update(json.loads(self.path.read_text()))
+            self.runs[text] = result
+            tmp = self.path.with_suffix(f".{os.getpid()}.tmp")
             tmp.write_text(json.dumps(self.runs, indent=0))
             tmp.replace(self.path)
         return self.runs[text]
+
+
+def inputs_fingerprint(features):
+    """Short hash of the transformed inputs (names, kinds, vocabulary sizes): runs on other features never match."""
+    import hashlib
+
+    text = json.dumps([[f.name, f.kind, f.vocab_size] for f in features])
+    return hashlib.sha1(text.encode()).hexdigest()[:12]
 
 
 def jsonable(settings):
@@ -218,12 +338,17 @@ def hgb_fit(features, splits, task, params, seed=0, use_weights=False):
             "seconds": round(time.time() - started, 1)}
 
 
-def gradient_boosting_anchor(features, tasks, splits, cache, base_key, search, seeds, log):
-    report = {"search": {}, "settings": {}, "runs": [], "valid": {}, "test": {}}
+def gradient_boosting_anchor(features, tasks, splits, cache, base_key, search, seeds, log, numeric="zscore",
+                             numeric_buckets=TRAIN_DEFAULTS["numeric_buckets"]):
+    """The anchor per task; `numeric`, `numeric_buckets` as for the networks (TRAIN_DEFAULTS), so it can see the
+    same inputs."""
+    report = {"search": {}, "settings": {}, "runs": [], "valid": {}, "test": {}, "numeric": numeric}
+    features, splits = numeric_inputs(features, splits, numeric, numeric_buckets)
     for t in tasks:
         def run(params, seed=0):
             key = {**base_key, "model": "hist_gradient_boosting", "task": t.name, "params": params, "seed": seed,
-                   "max_iter": HGB_MAX_ITER, "stop": [HGB_CHUNK, HGB_PATIENCE]}
+                   "max_iter": HGB_MAX_ITER, "stop": [HGB_CHUNK, HGB_PATIENCE],
+                   **({"numeric": numeric, "numeric_buckets": numeric_buckets} if numeric != "zscore" else {})}
             return cache.get(key, lambda: hgb_fit(features, splits, t.name, params, seed))
 
         params = {name: values[0] for name, values in HGB_AXES}
@@ -270,6 +395,12 @@ def main(argv=None):
     parser.add_argument("--epochs", type=int, default=40)
     parser.add_argument("--patience", type=int, default=4)
     parser.add_argument("--no-anchor", action="store_true")
+    parser.add_argument("--anchor-numeric", default="zscore", choices=["zscore", "both", "buckets"],
+                        help="numeric inputs of the anchor (see TRAIN_DEFAULTS['numeric']); give the networks' choice")
+    parser.add_argument("--anchor-buckets", type=int, default=TRAIN_DEFAULTS["numeric_buckets"],
+                        help="quantile buckets per numeric input with --anchor-numeric both/buckets")
+    parser.add_argument("--anchor-search", action="store_true", help="tune the anchor on validation even "
+                        "without --search (--search tunes it too)")
     parser.add_argument("--anchor-seeds", type=int, default=1, help="the anchor is deterministic; 1 is enough")
     parser.add_argument("--fresh", action="store_true", help="ignore cached runs")
     parser.add_argument("--cache", default=str(RESULTS / "census_runs.json"))
@@ -291,13 +422,16 @@ def main(argv=None):
                                                                         workdir, log)
             report["protocol"] = protocol
             base_key = {"group": group, "protocol": {k: v for k, v in protocol.items() if k != "files"},
-                        "files": [os.path.basename(f) for f in protocol.get("files", [])]}
+                        "files": [os.path.basename(f) for f in protocol.get("files", [])],
+                        "inputs": inputs_fingerprint(features)}
             main_task = tasks[0].name
             group_report = report["groups"][str(group)] = {"tasks": [t.name for t in tasks], "archs": {}}
             if not args.no_anchor:
                 log(f"group {group}: HistGradientBoosting anchor")
-                anchor = gradient_boosting_anchor(features, tasks, splits, cache, base_key, args.search,
-                                                  args.anchor_seeds, log)
+                anchor = gradient_boosting_anchor(features, tasks, splits, cache, base_key,
+                                                  args.search or args.anchor_search,
+                                                  args.anchor_seeds, log, numeric=args.anchor_numeric,
+                                                  numeric_buckets=args.anchor_buckets)
                 group_report["hist_gradient_boosting"] = anchor
                 log(f"group {group} HGB test AUC: " + ", ".join(
                     f"{k} {v['mean']:.4f}" for k, v in anchor["test"].items()))
@@ -305,24 +439,24 @@ def main(argv=None):
             archs = sorted(args.archs, key=lambda a: a != args.search_like)  # the searched one first
             for arch in archs:
                 def run(settings, seed=0, arch=arch):
-                    key = {**base_key, "arch": arch, "settings": jsonable(settings), "seed": seed,
+                    key = {**base_key, "arch": arch, "settings": key_settings(settings), "seed": seed,
                            "epochs": args.epochs, "patience": args.patience}
 
                     def compute():
                         r = train_once(arch, settings, features, tasks, splits, seed, args.epochs, args.patience)
-                        log(f"    g{group} {arch} seed {seed} {jsonable(settings)}: valid " + ", ".join(
+                        log(f"    g{group} {arch} seed {seed} {key_settings(settings)}: valid " + ", ".join(
                             f"{t.name} {r['valid'][t.name]['auc']:.4f}" for t in tasks) +
                             f" ({r['epochs']} ep, {r['seconds']} s)")
                         return r
                     return cache.get(key, compute)
 
-                settings, search_log = dict(CHOSEN.get((group, arch), BASE)), []
+                settings, search_log = {**TRAIN_DEFAULTS, **CHOSEN.get((group, arch), BASE)}, []
                 searched = args.search and (args.search_archs is None or arch in args.search_archs)
                 if searched:
                     log(f"search g{group} {arch} (validation {main_task} AUC, seed 0)")
-                    settings, table = coordinate_search(search_axes(arch), BASE,
+                    settings, table = coordinate_search(search_axes(arch), {**TRAIN_DEFAULTS, **BASE},
                                                         lambda s: run(s)["valid"][main_task]["auc"], log)
-                    search_log = [{"axis": a, **jsonable(s), "valid_auc": v} for a, s, v in table]
+                    search_log = [{"axis": a, **key_settings(s), "valid_auc": v} for a, s, v in table]
                     chosen_in_group[arch] = settings
                 elif args.search and args.search_like in chosen_in_group:
                     settings = dict(chosen_in_group[args.search_like])
@@ -331,7 +465,7 @@ def main(argv=None):
                     log(f"g{group} {arch} seed {seed}: test " + ", ".join(
                         f"{t.name} {r['test'][t.name]['auc']:.4f}" for t in tasks) + f" ({r['epochs']} ep)")
                 group_report["archs"][arch] = {
-                    "settings": jsonable(settings), "searched": searched, "search": search_log,
+                    "settings": key_settings(settings), "searched": searched, "search": search_log,
                     "test": summarize(runs, tasks), "valid": summarize(runs, tasks, "valid"), "runs": runs}
     Path(args.out).write_text(json.dumps(report, indent=1))
     print(markdown(report))
@@ -340,7 +474,9 @@ def main(argv=None):
 
 def _fmt(settings):
     short = {"learning_rate": "lr", "batch_size": "batch", "num_experts": "experts", "expert_units": "expert",
-             "bottom_units": "bottom", "expert_dropout": "drop", "embedding_dim": "emb", "use_weights": "weights"}
+             "bottom_units": "bottom", "tower_units": "tower", "expert_dropout": "drop", "embedding_dim": "emb",
+             "use_weights": "weights", "numeric": "numeric", "schedule": "schedule", "weight_decay": "wd",
+             "patience": "patience", "main_loss_weight": "main weight", "numeric_buckets": "buckets"}
     parts = []
     for k, name in short.items():
         if k in settings:

@@ -4,13 +4,19 @@
     .venv/bin/python benchmarks/serving.py --run runs/census-sample   # a `mmoe train` run directory
 
 For each export (XLA, non-XLA) it measures
-  * the in-process `serving_default` call at batch 1, 32, 256;
+  * the in-process `serving_default` call at batch 1, 32, 256, two ways:
+    "in-process": what the server does per request minus protobuf and gRPC (`serving.models.Servable.run`:
+    name/dtype/shape validation, numpy -> tensor, the signature's graph function, tensors -> numpy);
+    "in-proc wrapper": the public SavedModel signature wrapper (`loaded.signatures["serving_default"]`)
+    called with a tensor built once outside the timed loop, outputs left as tensors;
   * gRPC Predict (TF Serving's stub) against `mmoe serve` running in a subprocess, batching off and on:
     batch 1, 32, 256 with one client, and batch 1 with 8 and 32 concurrent clients;
-and prints p50 / p99 latency (ms) and throughput (examples/s) per cell.
+and prints p50 / p99 latency (ms) and throughput (examples/s) per cell, and for gRPC cells the server
+process's CPU time per request (user + system, from /proc), which the client's own cost does not enter.
 
-Clients are threads of this process and the server is another process, all on the same cores, so on a small
-machine the numbers include client overhead and contention; they are meant for comparing rows, not as absolutes.
+Clients are threads of this process (one Python process: its CPU per request is printed below the table) and the
+server is another process, all on the same cores, so on a small machine the throughput numbers include client
+overhead and contention; they are meant for comparing rows, not as absolutes.
 """
 from __future__ import annotations
 
@@ -59,20 +65,41 @@ def summarize(latencies, examples, seconds):
             "throughput": examples / seconds, "requests": len(lat)}
 
 
-def bench_in_process(export_dir, examples, batch, seconds):
-    import tensorflow as tf
-
-    fn = tf.saved_model.load(export_dir).signatures["serving_default"]
-    arg = tf.constant(examples[:batch])
+def _time_calls(call, batch, seconds):
     for _ in range(20):
-        fn(examples=arg)
+        call()
     latencies = []
     start = time.perf_counter()
     while time.perf_counter() - start < seconds and len(latencies) < 100_000:
         t = time.perf_counter()
-        fn(examples=arg)
+        call()
         latencies.append(time.perf_counter() - t)
     return summarize(latencies, batch * len(latencies), time.perf_counter() - start)
+
+
+def bench_in_process(export_dir, examples, batch, seconds):
+    """The server's per-request path without gRPC: Servable.run on a numpy batch of serialized tf.Examples."""
+    from serving.models import Servable
+
+    servable = Servable("bench", 1, export_dir, None, 8192)
+    inputs = {"examples": np.array(examples[:batch], dtype=object)}
+    return _time_calls(lambda: servable.run("serving_default", inputs), batch, seconds)
+
+
+def bench_in_process_wrapper(export_dir, examples, batch, seconds):
+    """The public signature wrapper of the loaded SavedModel, input tensor built once (the pre-change measure)."""
+    import tensorflow as tf
+
+    fn = tf.saved_model.load(export_dir).signatures["serving_default"]
+    arg = tf.constant(examples[:batch])
+    return _time_calls(lambda: fn(examples=arg), batch, seconds)
+
+
+def process_cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process so far (Linux /proc)."""
+    with open(f"/proc/{pid}/stat") as fh:
+        fields = fh.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def start_server(base=None, name=None, batching_file=None, config_file=None):
@@ -84,7 +111,7 @@ def start_server(base=None, name=None, batching_file=None, config_file=None):
                                                           if batching_file else [])])
 
 
-def bench_grpc(address, name, examples, batch, clients, seconds):
+def bench_grpc(address, name, examples, batch, clients, seconds, server_pid=None):
     import grpc
     import tensorflow as tf
     from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
@@ -121,16 +148,26 @@ def bench_grpc(address, name, examples, batch, clients, seconds):
         t.start()
     barrier.wait()
     start = time.perf_counter()
+    cpu_start = process_cpu_seconds(server_pid) if server_pid else None
+    own_start = sum(os.times()[:2])
     time.sleep(seconds)
     stop.set()
     for t in threads:
         t.join(120)
     elapsed = time.perf_counter() - start
+    cpu = process_cpu_seconds(server_pid) - cpu_start if server_pid else None
+    own = sum(os.times()[:2]) - own_start
     for c in channels:
         c.close()
     latencies = [x for r in results for x in r]
     out = summarize(latencies, batch * len(latencies), elapsed)
     out["errors"] = len(errors)
+    # CPU per request (ms): the server process's, and this (client) process's; the few requests still in
+    # flight when the clock stops are counted in the CPU but not in the requests (a slight overestimate).
+    requests = max(len(latencies), 1)
+    if cpu is not None:
+        out["server_cpu_ms"] = cpu / requests * 1e3
+    out["client_cpu_ms"] = own / requests * 1e3
     return out
 
 
@@ -167,6 +204,8 @@ def main(argv=None) -> int:
         for export, path in dirs.items():
             for batch in (1, 32, 256):
                 rows.append(("in-process", batch, 1, export, bench_in_process(path, examples, batch, args.seconds)))
+                rows.append(("in-proc wrapper", batch, 1, export,
+                             bench_in_process_wrapper(path, examples, batch, args.seconds)))
                 print(".", end="", flush=True)
             for batching in (False, True):
                 process, address = start_server(os.path.dirname(path), export,
@@ -175,7 +214,8 @@ def main(argv=None) -> int:
                     mode = "grpc batching" if batching else "grpc"
                     for batch, clients in ((1, 1), (32, 1), (256, 1), (1, 8), (1, 32)):
                         rows.append((mode, batch, clients, export,
-                                     bench_grpc(address, export, examples, batch, clients, args.seconds)))
+                                     bench_grpc(address, export, examples, batch, clients, args.seconds,
+                                                server_pid=process.pid)))
                         print(".", end="", flush=True)
                 finally:
                     process.terminate()
@@ -199,16 +239,22 @@ def print_table(rows):
     for mode, batch, clients, export, result in rows:
         cells[(mode, batch, clients, export)] = result
     keys = sorted({(m, b, c) for m, b, c, _ in cells}, key=lambda k: (k[0], k[2], k[1]))
-    header = f"{'mode':<14}{'batch':>6}{'clients':>8} | " + " | ".join(
-        f"{e + ' p50':>10}{'p99':>8}{'ex/s':>10}" for e in ("xla", "plain"))
+    header = f"{'mode':<16}{'batch':>6}{'clients':>8} | " + " | ".join(
+        f"{e + ' p50':>10}{'p99':>8}{'ex/s':>10}{'srv cpu':>9}" for e in ("xla", "plain"))
     print(header)
     print("-" * len(header))
     for mode, batch, clients in keys:
         parts = []
         for export in ("xla", "plain"):
             r = cells.get((mode, batch, clients, export))
-            parts.append(f"{r['p50']:>10.3f}{r['p99']:>8.3f}{r['throughput']:>10,.0f}" if r else " " * 28)
-        print(f"{mode:<14}{batch:>6}{clients:>8} | " + " | ".join(parts))
+            cpu = f"{r['server_cpu_ms']:>9.3f}" if r and "server_cpu_ms" in r else " " * 9
+            parts.append(f"{r['p50']:>10.3f}{r['p99']:>8.3f}{r['throughput']:>10,.0f}{cpu}" if r else " " * 37)
+        print(f"{mode:<16}{batch:>6}{clients:>8} | " + " | ".join(parts))
+    print("srv cpu: server process CPU ms per request (user + system).  Client (this process) CPU ms per request:")
+    for mode, batch, clients in keys:
+        client = [cells.get((mode, batch, clients, e), {}).get("client_cpu_ms") for e in ("xla", "plain")]
+        if mode.startswith("grpc") and None not in client:
+            print(f"  {mode} batch {batch} clients {clients}: {client[0]:.3f} | {client[1]:.3f}")
     for export in ("xla", "plain"):
         off = cells.get(("grpc", 1, 32, export))
         on = cells.get(("grpc batching", 1, 32, export))

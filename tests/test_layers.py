@@ -201,8 +201,9 @@ def test_matmul_and_gather_lookups_agree_in_values_and_gradients():
     layers["matmul"].set_weights(layers["gather"].get_weights())
     assert layers["matmul"].group_lookups == ("matmul", "matmul")
     assert layers["gather"].group_lookups == ("gather", "gather")
-    outs = {k: _np(layer(inputs)) for k, layer in layers.items()}
+    outs = {k: _np(layer(inputs, training=True)) for k, layer in layers.items()}
     np.testing.assert_array_equal(outs["matmul"], outs["gather"])  # a row times 1.0 plus zeros is exact
+    np.testing.assert_array_equal(_np(layers["matmul"](inputs)), outs["gather"])  # inference gathers
 
     # The table gradients agree too: rows seen k times get k times the upstream gradient.
     import tensorflow as tf
@@ -211,8 +212,11 @@ def test_matmul_and_gather_lookups_agree_in_values_and_gradients():
     grads = {}
     for k, layer in layers.items():
         with tf.GradientTape() as tape:
-            loss = tf.reduce_sum(layer(inputs) * upstream)
-        grads[k] = [np.asarray(tf.convert_to_tensor(g)) for g in tape.gradient(loss, [t.embeddings.value for t in layer.tables])]
+            loss = tf.reduce_sum(layer(inputs, training=True) * upstream)
+        raw = tape.gradient(loss, [t.embeddings.value for t in layer.tables])
+        # The gather's gradient is sparse (a scatter-add); the matmul's is dense, which shows it ran.
+        assert all(isinstance(g, tf.IndexedSlices) == (k == "gather") for g in raw)
+        grads[k] = [np.asarray(tf.convert_to_tensor(g)) for g in raw]
     for g, m in zip(grads["gather"], grads["matmul"]):
         np.testing.assert_allclose(m, g, rtol=1e-5, atol=1e-6)
     assert any(np.abs(g).sum() > 0 for g in grads["gather"])

@@ -33,6 +33,9 @@ class FeatureEmbedding(keras.layers.Layer):
     `[batch, rows]` multi-hot matrix by the table laid out block-diagonally,
     `[rows, features * width]`, so both directions are dense matmuls; a row
     times 1.0 plus zeros is exact, so both lookups give identical outputs.
+    The matmul is used only when training: inference needs no gradient, and
+    a gather is cheaper than building the block-diagonal table per call
+    (a batch-1 serving request).
 
     Args:
         features: list of dicts `{"name", "kind", "vocab_size",
@@ -97,7 +100,7 @@ class FeatureEmbedding(keras.layers.Layer):
         for table in self.tables:
             table.build((None, None))
 
-    def call(self, inputs):
+    def call(self, inputs, training=None):
         missing = [f["name"] for f in self.features if f["name"] not in inputs]
         if missing:
             raise KeyError(f"missing model input(s): {missing}")
@@ -108,7 +111,7 @@ class FeatureEmbedding(keras.layers.Layer):
         for table, (dim, members), lookup in zip(self.tables, self.groups, self.group_lookups):
             ids = [ops.clip(ops.reshape(ops.cast(inputs[name], "int32"), (-1,)), 0, size - 1) + offset
                    for name, offset, size in members]
-            if lookup == "matmul":
+            if lookup == "matmul" and training:
                 vectors = self._matmul_lookup(table.embeddings, dim, members, ids)
             else:
                 vectors = table(ops.stack(ids, axis=1))  # [batch, features in group, dim]

@@ -122,7 +122,7 @@ def worker(args) -> dict:
     best = min(times[1:]) if len(times) > 1 else times[0]
     flops = forward_flops(model)
     return {"steps_per_execution": args.steps_per_execution, "model": args.model, "backend": keras.backend.backend(), "xla": not args.no_xla or
-            keras.backend.backend() == "jax", "experts": args.experts, "batch_size": args.batch_size,
+            keras.backend.backend() == "jax", "experts": args.experts, "lookup": args.lookup, "batch_size": args.batch_size,
             "mixed_precision": args.mixed_precision, "examples_per_s": len(data) / best,
             "forward_flops_per_example": flops, "train_flops_per_example": 3 * flops,
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
@@ -144,12 +144,12 @@ def _timed(fn):
 
 
 def run_config(arrays, model, backend, batch_size, no_xla=False, experts="fused", epochs=3, mixed=False,
-               steps_per_execution=1):
+               steps_per_execution=1, lookup="auto"):
     env = dict(os.environ, KERAS_BACKEND=backend, TF_CPP_MIN_LOG_LEVEL="2")
     if backend == "jax":
         env.setdefault("JAX_PLATFORMS", os.environ.get("JAX_PLATFORMS", ""))
     cmd = [sys.executable, __file__, "--worker", "--arrays", arrays, "--model", model, "--batch-size",
-           str(batch_size), "--experts", experts, "--epochs", str(epochs), "--steps-per-execution",
+           str(batch_size), "--experts", experts, "--lookup", lookup, "--epochs", str(epochs), "--steps-per-execution",
            str(steps_per_execution)]
     if no_xla:
         cmd.append("--no-xla")
@@ -162,11 +162,12 @@ def run_config(arrays, model, backend, batch_size, no_xla=False, experts="fused"
 
 
 def table(results, peak_gflops) -> str:
-    lines = ["| model | backend | XLA | experts | batch | examples/s | train GFLOP/s | % of measured peak | peak RSS MB |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| model | backend | XLA | experts | embedding lookup | batch | examples/s | train GFLOP/s | "
+             "% of measured peak | peak RSS MB |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         gflops = r["examples_per_s"] * r["train_flops_per_example"] / 1e9
         lines.append(f"| {r['model']} | {r['backend']} | {'yes' if r['xla'] else 'no'} | {r['experts']} | "
+                     f"{r.get('lookup', 'auto')} | "
                      f"{r['batch_size']} | {r['examples_per_s']:,.0f} | {gflops:.1f} | "
                      f"{100 * gflops / peak_gflops:.1f}% | {r['peak_rss_mb']:.0f} |")
     return "\n".join(lines)
@@ -187,6 +188,7 @@ def main(argv=None):
     parser.add_argument("--model", default="paper_8x16", help=argparse.SUPPRESS)
     parser.add_argument("--batch-size", type=int, default=1024, help=argparse.SUPPRESS)
     parser.add_argument("--experts", default="fused", choices=["fused", "loop"], help=argparse.SUPPRESS)
+    parser.add_argument("--lookup", default="auto", choices=["auto", "gather", "matmul"], help=argparse.SUPPRESS)
     parser.add_argument("--no-xla", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--mixed-precision", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--steps-per-execution", type=int, default=32,
@@ -207,16 +209,22 @@ def main(argv=None):
                 results.append(r)
                 print(f"{model} {backend} batch {batch}: {r['examples_per_s']:,.0f} examples/s", file=sys.stderr,
                       flush=True)
-        for experts in ("fused", "loop"):
-            r = run_config(args.arrays, model, "tensorflow", args.ablation_batch_size, experts=experts,
-                           epochs=args.epochs, steps_per_execution=args.steps_per_execution)
+        ablations = [dict(experts="fused"), dict(experts="loop"), dict(lookup="gather")]
+        if "jax" in args.backends:
+            ablations += [dict(backend="jax"), dict(backend="jax", lookup="gather")]
+        for ablation in ablations:
+            backend = ablation.pop("backend", "tensorflow")
+            r = run_config(args.arrays, model, backend, args.ablation_batch_size, epochs=args.epochs,
+                           steps_per_execution=args.steps_per_execution, **ablation)
             r["ablation"] = True
             results.append(r)
-            print(f"{model} ablation {experts}: {r['examples_per_s']:,.0f} examples/s", file=sys.stderr, flush=True)
+            print(f"{model} ablation {backend}: {r['experts']} experts, {r['lookup']} lookup: "
+                  f"{r['examples_per_s']:,.0f} examples/s", file=sys.stderr, flush=True)
     print(f"Machine: {os.cpu_count()} cores, {platform.processor() or platform.machine()}; measured float32 matmul "
           f"peak {peak:.1f} GFLOP/s (numpy, 2048^3).\n")
     print(table([r for r in results if not r.get("ablation")], peak))
-    print("\nAblation: fused expert contraction vs per-expert Dense loop (TensorFlow, XLA)\n")
+    print("\nAblations: fused expert contraction vs per-expert Dense loop, and gather vs matmul embedding lookup "
+          "(auto = matmul for these tables)\n")
     print(table([r for r in results if r.get("ablation")], peak))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"peak_gflops": peak, "results": results}, indent=1))

@@ -10,6 +10,7 @@ from typing import Any, Mapping, Optional
 
 ARCHITECTURES = ("mmoe", "omoe", "shared_bottom", "single_task", "cgc", "ple")
 GATE_TYPES = ("softmax", "noisy_top_k")
+EMBEDDING_LOOKUPS = ("auto", "gather", "matmul")
 TASK_KINDS = ("binary", "regression")
 FEATURE_KINDS = ("numeric", "categorical")
 
@@ -109,6 +110,8 @@ class ModelConfig:
         balance_loss_weight: weight of the load-balancing auxiliary loss
             (squared coefficient of variation of expert importance).
         embedding_dim: width cap for categorical embeddings.
+        embedding_lookup: "auto", "gather" or "matmul": how embedding tables
+            are read (same values; see `mmoe.layers.FeatureEmbedding`).
         mixed_precision: bfloat16 compute in experts and towers; gates and
             outputs stay float32.
         learning_rate: Adam learning rate.
@@ -129,6 +132,7 @@ class ModelConfig:
     top_k: int = 2
     balance_loss_weight: float = 0.0
     embedding_dim: int = 16
+    embedding_lookup: str = "auto"
     mixed_precision: bool = False
     learning_rate: float = 1e-3
 
@@ -163,6 +167,8 @@ class ModelConfig:
                 raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
         if self.balance_loss_weight < 0:
             raise ValueError(f"balance_loss_weight must be >= 0, got {self.balance_loss_weight}")
+        if self.embedding_lookup not in EMBEDDING_LOOKUPS:
+            raise ValueError(f"embedding_lookup must be one of {EMBEDDING_LOOKUPS}, got {self.embedding_lookup!r}")
         if self.learning_rate <= 0:
             raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
 

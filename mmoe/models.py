@@ -67,7 +67,7 @@ def build_model(config: ModelConfig, features: Sequence[InputFeature], tasks: Se
     feature_dicts = [f.to_dict() for f in features]
 
     def embed(suffix=""):
-        return FeatureEmbedding(feature_dicts, max_embedding_dim=config.embedding_dim,
+        return FeatureEmbedding(feature_dicts, max_embedding_dim=config.embedding_dim, lookup=config.embedding_lookup,
                                 name=f"embedding{suffix}")(inputs)
 
     def experts(n, suffix):

@@ -180,3 +180,57 @@ def test_model_saves_as_tensorflow_saved_model(tmp_path):
     module.model = model
     tf.saved_model.save(module, str(tmp_path / "saved"))
     assert (tmp_path / "saved" / "saved_model.pb").exists()
+
+
+def _embedding_features():
+    return [{"name": "a", "kind": "categorical", "vocab_size": 3, "embedding_dim": 2},
+            {"name": "n", "kind": "numeric"},
+            {"name": "b", "kind": "categorical", "vocab_size": 4, "embedding_dim": 2},
+            {"name": "c", "kind": "categorical", "vocab_size": 5, "embedding_dim": 3}]
+
+
+def test_matmul_and_gather_lookups_agree_in_values_and_gradients():
+    import keras
+
+    rng = np.random.default_rng(11)
+    inputs = {"a": rng.integers(-1, 4, 64), "n": rng.normal(size=64).astype("float32"),
+              "b": rng.integers(0, 6, 64), "c": rng.integers(0, 5, 64)}
+    layers = {lookup: FeatureEmbedding(_embedding_features(), lookup=lookup) for lookup in ("gather", "matmul")}
+    layers["gather"].build(None)
+    layers["matmul"].build(None)
+    layers["matmul"].set_weights(layers["gather"].get_weights())
+    assert layers["matmul"].group_lookups == ("matmul", "matmul")
+    assert layers["gather"].group_lookups == ("gather", "gather")
+    outs = {k: _np(layer(inputs, training=True)) for k, layer in layers.items()}
+    np.testing.assert_array_equal(outs["matmul"], outs["gather"])  # a row times 1.0 plus zeros is exact
+    np.testing.assert_array_equal(_np(layers["matmul"](inputs)), outs["gather"])  # inference gathers
+
+    # The table gradients agree too: rows seen k times get k times the upstream gradient.
+    import tensorflow as tf
+
+    upstream = rng.normal(size=outs["gather"].shape).astype("float32")
+    grads = {}
+    for k, layer in layers.items():
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_sum(layer(inputs, training=True) * upstream)
+        raw = tape.gradient(loss, [t.embeddings.value for t in layer.tables])
+        # The gather's gradient is sparse (a scatter-add); the matmul's is dense, which shows it ran.
+        assert all(isinstance(g, tf.IndexedSlices) == (k == "gather") for g in raw)
+        grads[k] = [np.asarray(tf.convert_to_tensor(g)) for g in raw]
+    for g, m in zip(grads["gather"], grads["matmul"]):
+        np.testing.assert_allclose(m, g, rtol=1e-5, atol=1e-6)
+    assert any(np.abs(g).sum() > 0 for g in grads["gather"])
+
+
+def test_auto_lookup_uses_matmul_only_for_small_tables():
+    from mmoe.layers.embedding import MATMUL_MAX_ROWS_X_FEATURES
+
+    small = FeatureEmbedding(_embedding_features())
+    assert small.lookup == "auto" and small.group_lookups == ("matmul", "matmul")
+    hashed = FeatureEmbedding([{"name": "h", "kind": "categorical", "vocab_size": MATMUL_MAX_ROWS_X_FEATURES + 1,
+                                "embedding_dim": 4}, {"name": "s", "kind": "categorical", "vocab_size": 3,
+                                                      "embedding_dim": 2}])
+    assert hashed.group_lookups == ("gather", "matmul")
+    assert FeatureEmbedding.from_config(hashed.get_config()).group_lookups == ("gather", "matmul")
+    with pytest.raises(ValueError, match="lookup must be one of"):
+        FeatureEmbedding(_embedding_features(), lookup="onehot")

@@ -128,6 +128,8 @@ def test_config_validation_and_round_trip():
         ModelConfig.from_dict({"experts": 3})
     with pytest.raises(ValueError, match="gate_temperature"):
         ModelConfig(gate_temperature=-1)
+    with pytest.raises(ValueError, match="embedding_lookup must be one of"):
+        ModelConfig(embedding_lookup="dense")
     with pytest.raises(ValueError, match="kind"):
         TaskSpec("x", "multiclass")
 
@@ -140,3 +142,15 @@ def test_builder_rejects_bad_tasks(toy):
         build_model(ModelConfig(), features, [TaskSpec("a")])
     with pytest.raises(ValueError, match="at least one task"):
         build_model(ModelConfig(), features, [])
+
+
+def test_embedding_lookup_setting_reaches_the_embedding_layer(toy):
+    features, tasks, train, _ = toy
+    models = {lookup: build_model(ModelConfig(arch="mmoe", embedding_lookup=lookup, **SMALL), features, tasks)
+              for lookup in ("gather", "matmul")}
+    assert set(models["gather"].get_layer("embedding").group_lookups) == {"gather"}
+    assert set(models["matmul"].get_layer("embedding").group_lookups) == {"matmul"}
+    models["matmul"].set_weights(models["gather"].get_weights())
+    outs = {k: predict(m, train.inputs) for k, m in models.items()}
+    for task in outs["gather"]:
+        np.testing.assert_allclose(outs["matmul"][task], outs["gather"][task], rtol=1e-6, atol=1e-7)

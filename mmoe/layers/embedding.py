@@ -2,7 +2,14 @@
 from __future__ import annotations
 
 import keras
+import numpy as np
 from keras import ops
+
+from mmoe.config import EMBEDDING_LOOKUPS as LOOKUPS
+# `lookup="auto"` uses the one-hot matmul for a table when (rows x features) is at most this: the matmul then
+# costs 2 * rows * features * width FLOPs per example, a few thousand for the census vocabularies, while a
+# hashed feature with 10^5 buckets stays a gather.
+MATMUL_MAX_ROWS_X_FEATURES = 4096
 
 
 def default_embedding_dim(vocab_size: int, cap: int) -> int:
@@ -19,10 +26,23 @@ class FeatureEmbedding(keras.layers.Layer):
     a handful of gathers (and gradient scatters) instead of one per feature;
     rows never mix because every feature owns its own range of the table.
 
+    How a table is read (`lookup`) matters for training speed on CPU, not
+    for the values: the gather's gradient is a scatter-add of one row per
+    feature and example, which XLA's CPU backend runs as a serial loop (a
+    third of a census training step). `"matmul"` instead multiplies a
+    `[batch, rows]` multi-hot matrix by the table laid out block-diagonally,
+    `[rows, features * width]`, so both directions are dense matmuls; a row
+    times 1.0 plus zeros is exact, so both lookups give identical outputs.
+    The matmul is used only when training: inference needs no gradient, and
+    a gather is cheaper than building the block-diagonal table per call
+    (a batch-1 serving request).
+
     Args:
         features: list of dicts `{"name", "kind", "vocab_size",
             "embedding_dim"}` (see `mmoe.config.InputFeature`).
         max_embedding_dim: cap for embeddings whose width is not given.
+        lookup: `"gather"`, `"matmul"`, or `"auto"` (matmul for tables with
+            rows x features <= `MATMUL_MAX_ROWS_X_FEATURES`, else gather).
 
     Call arguments:
         inputs: dict name -> `[batch]` tensor (float for numeric, integer ids
@@ -34,11 +54,14 @@ class FeatureEmbedding(keras.layers.Layer):
         embeddings grouped by width (in order of first appearance).
     """
 
-    def __init__(self, features, max_embedding_dim=16, **kwargs):
+    def __init__(self, features, max_embedding_dim=16, lookup="auto", **kwargs):
         super().__init__(**kwargs)
         self.features = [dict(f) for f in features]
         if not self.features:
             raise ValueError("FeatureEmbedding needs at least one feature")
+        if lookup not in LOOKUPS:
+            raise ValueError(f"lookup must be one of {LOOKUPS}, got {lookup!r}")
+        self.lookup = lookup
         self.max_embedding_dim = int(max_embedding_dim)
         self.numeric = [f["name"] for f in self.features if f["kind"] == "numeric"]
         groups: dict[int, list[tuple[str, int, int]]] = {}
@@ -53,6 +76,13 @@ class FeatureEmbedding(keras.layers.Layer):
         self.groups = tuple((dim, tuple(members)) for dim, members in groups.items())
         self.tables = [keras.layers.Embedding(sum(size for _, _, size in members), dim, name=f"embed_d{dim}")
                        for dim, members in self.groups]
+        self.group_lookups = tuple(self._group_lookup(members) for _, members in self.groups)
+
+    def _group_lookup(self, members) -> str:
+        if self.lookup != "auto":
+            return self.lookup
+        rows = sum(size for _, _, size in members)
+        return "matmul" if rows * len(members) <= MATMUL_MAX_ROWS_X_FEATURES else "gather"
 
     @property
     def output_dim(self) -> int:
@@ -70,7 +100,7 @@ class FeatureEmbedding(keras.layers.Layer):
         for table in self.tables:
             table.build((None, None))
 
-    def call(self, inputs):
+    def call(self, inputs, training=None):
         missing = [f["name"] for f in self.features if f["name"] not in inputs]
         if missing:
             raise KeyError(f"missing model input(s): {missing}")
@@ -78,17 +108,36 @@ class FeatureEmbedding(keras.layers.Layer):
         if self.numeric:
             parts.append(ops.stack([ops.reshape(ops.cast(inputs[n], self.compute_dtype), (-1,))
                                     for n in self.numeric], axis=1))
-        for table, (dim, members) in zip(self.tables, self.groups):
-            ids = ops.stack([ops.clip(ops.reshape(ops.cast(inputs[name], "int32"), (-1,)), 0, size - 1) + offset
-                             for name, offset, size in members], axis=1)  # [batch, features in group]
-            vectors = table(ids)  # [batch, features in group, dim]
+        for table, (dim, members), lookup in zip(self.tables, self.groups, self.group_lookups):
+            ids = [ops.clip(ops.reshape(ops.cast(inputs[name], "int32"), (-1,)), 0, size - 1) + offset
+                   for name, offset, size in members]
+            if lookup == "matmul" and training:
+                vectors = self._matmul_lookup(table.embeddings, dim, members, ids)
+            else:
+                vectors = table(ops.stack(ids, axis=1))  # [batch, features in group, dim]
             parts.append(ops.reshape(ops.cast(vectors, self.compute_dtype), (-1, len(members) * dim)))
         return ops.concatenate(parts, axis=-1) if len(parts) > 1 else parts[0]
+
+    @staticmethod
+    def _matmul_lookup(embeddings, dim, members, ids):
+        """`[batch, features * dim]` as multi-hot `[batch, rows]` @ block-diagonal `[rows, features * dim]`."""
+        rows = sum(size for _, _, size in members)
+        # mask[r, f * dim:(f + 1) * dim] = 1 where table row r belongs to feature f.
+        mask = np.zeros((rows, len(members) * dim), "float32")
+        for f, (_, offset, size) in enumerate(members):
+            mask[offset:offset + size, f * dim:(f + 1) * dim] = 1.0
+        block = ops.tile(embeddings, (1, len(members))) * ops.cast(mask, embeddings.dtype)
+        # Features own disjoint row ranges, so the sum of one-hots has exactly one 1 per feature.
+        multi_hot = ops.one_hot(ids[0], rows, dtype=embeddings.dtype)
+        for i in ids[1:]:
+            multi_hot = multi_hot + ops.one_hot(i, rows, dtype=embeddings.dtype)
+        return ops.matmul(multi_hot, block)
 
     def compute_output_shape(self, input_shape):
         return (None, self.output_dim)
 
     def get_config(self):
         config = super().get_config()
-        config.update({"features": self.features, "max_embedding_dim": self.max_embedding_dim})
+        config.update({"features": self.features, "max_embedding_dim": self.max_embedding_dim,
+                       "lookup": self.lookup})
         return config

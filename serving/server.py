@@ -122,7 +122,7 @@ class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
             response = predict_pb2.PredictResponse()
             _fill_spec(response.model_spec, servable, sig.name)
         for name, value in outputs.items():
-            response.outputs[name].CopyFrom(to_proto(value))
+            to_proto(value, response.outputs[name])
         self._finish("predict", request, response, route, started, context)
         return response
 

@@ -11,9 +11,11 @@ Python objects).
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import grpc
 import numpy as np
-from tensorflow.core.framework import tensor_pb2, tensor_shape_pb2, types_pb2
+from tensorflow.core.framework import tensor_pb2, types_pb2
 
 
 class ServingError(Exception):
@@ -83,20 +85,27 @@ def to_numpy(proto: tensor_pb2.TensorProto, name: str, max_elements: int) -> np.
     raise invalid(f"input {name!r}: shape {dims} needs {count} values, got {len(values)}")
 
 
-def to_proto(array: np.ndarray) -> tensor_pb2.TensorProto:
-    """Encode one output array (numeric via tensor_content, strings via string_val)."""
+def to_proto(array: np.ndarray, out: Optional[tensor_pb2.TensorProto] = None) -> tensor_pb2.TensorProto:
+    """Encode one output array (numeric via tensor_content, strings via string_val).
+
+    With `out` (an empty TensorProto, e.g. `response.outputs[name]`), writes into it and returns it: no
+    intermediate message to copy.
+    """
     array = np.asarray(array)
-    shape = tensor_shape_pb2.TensorShapeProto(dim=[tensor_shape_pb2.TensorShapeProto.Dim(size=s)
-                                                   for s in array.shape])
+    proto = tensor_pb2.TensorProto() if out is None else out
+    dims = proto.tensor_shape.dim
+    for size in array.shape:
+        dims.add().size = size
     if array.dtype == object or array.dtype.kind in ("S", "U"):
-        return tensor_pb2.TensorProto(dtype=types_pb2.DT_STRING, tensor_shape=shape,
-                                      string_val=[v if isinstance(v, bytes) else str(v).encode()
-                                                  for v in array.ravel()])
+        proto.dtype = types_pb2.DT_STRING
+        proto.string_val.extend([v if isinstance(v, bytes) else str(v).encode() for v in array.ravel()])
+        return proto
     dtype = _FROM_NUMPY.get(array.dtype)
     if dtype is None:
         array, dtype = array.astype(np.float32), types_pb2.DT_FLOAT
-    return tensor_pb2.TensorProto(dtype=dtype, tensor_shape=shape,
-                                  tensor_content=np.ascontiguousarray(array).tobytes())
+    proto.dtype = dtype
+    proto.tensor_content = np.ascontiguousarray(array).tobytes()
+    return proto
 
 
 # tf.DType name -> DataType enum, for comparing a request with a signature.

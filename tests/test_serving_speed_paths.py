@@ -297,3 +297,24 @@ def test_a_full_batch_runs_on_the_calling_thread():
         assert ran_on[1] in batcher._threads
     finally:
         batcher.stop()
+
+
+# -- output encoding ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("array", [np.array([0.25, 0.5], np.float32), np.arange(6, dtype=np.int64).reshape(2, 3),
+                                   np.array([[1.5]], np.float64), np.array([b"a", b"bc"], dtype=object),
+                                   np.array(3.0, np.float32), np.array([1, 2], np.int16)])
+def test_to_proto_into_a_response_field_equals_a_fresh_proto(array):
+    from tensorflow_serving.apis import predict_pb2
+
+    from serving.tensors import to_numpy, to_proto
+
+    fresh = to_proto(array)
+    response = predict_pb2.PredictResponse()
+    assert to_proto(array, response.outputs["y"]) is response.outputs["y"]
+    assert response.outputs["y"] == fresh
+    assert [d.size for d in fresh.tensor_shape.dim] == list(array.shape)
+    want = array.astype(np.float32) if array.dtype == np.int16 else array  # no int16 on the wire: float32
+    np.testing.assert_array_equal(to_numpy(fresh, "y", 1 << 20), want)
+    np.testing.assert_array_equal(tf.make_ndarray(fresh), want)

@@ -369,6 +369,21 @@ def gradient_boosting_anchor(features, tasks, splits, cache, base_key, search, s
     return report
 
 
+def best_anchor(reports, tasks):
+    """One anchor report from several (one per numeric representation): per task the best on validation."""
+    if len(reports) == 1:
+        return reports[0]
+    out = {"search": {}, "settings": {}, "runs": [], "valid": {}, "test": {}}
+    for i, t in enumerate(tasks):
+        best = max(reports, key=lambda r: r["valid"][t.name]["mean"])
+        out["search"][t.name] = [{**row, "numeric": r["numeric"]} for r in reports
+                                 for row in r["search"].get(t.name, [])]
+        out["settings"][t.name] = {**best["settings"][t.name], "numeric": best["numeric"]}
+        out["valid"][t.name], out["test"][t.name] = best["valid"][t.name], best["test"][t.name]
+        out["runs"].append(best["runs"][i])
+    return out
+
+
 def summarize(runs, tasks, split="test"):
     out = {}
     for t in tasks:
@@ -395,8 +410,9 @@ def main(argv=None):
     parser.add_argument("--epochs", type=int, default=40)
     parser.add_argument("--patience", type=int, default=4)
     parser.add_argument("--no-anchor", action="store_true")
-    parser.add_argument("--anchor-numeric", default="zscore", choices=["zscore", "both", "buckets"],
-                        help="numeric inputs of the anchor (see TRAIN_DEFAULTS['numeric']); give the networks' choice")
+    parser.add_argument("--anchor-numeric", nargs="+", default=["zscore"], choices=["zscore", "both", "buckets"],
+                        help="numeric inputs of the anchor (see TRAIN_DEFAULTS['numeric']); with several, each task "
+                        "keeps the one with the best validation AUC (give the networks' choice among them)")
     parser.add_argument("--anchor-buckets", type=int, default=TRAIN_DEFAULTS["numeric_buckets"],
                         help="quantile buckets per numeric input with --anchor-numeric both/buckets")
     parser.add_argument("--anchor-search", action="store_true", help="tune the anchor on validation even "
@@ -428,10 +444,11 @@ def main(argv=None):
             group_report = report["groups"][str(group)] = {"tasks": [t.name for t in tasks], "archs": {}}
             if not args.no_anchor:
                 log(f"group {group}: HistGradientBoosting anchor")
-                anchor = gradient_boosting_anchor(features, tasks, splits, cache, base_key,
-                                                  args.search or args.anchor_search,
-                                                  args.anchor_seeds, log, numeric=args.anchor_numeric,
-                                                  numeric_buckets=args.anchor_buckets)
+                anchor = best_anchor([gradient_boosting_anchor(features, tasks, splits, cache, base_key,
+                                                               args.search or args.anchor_search, args.anchor_seeds,
+                                                               log, numeric=numeric,
+                                                               numeric_buckets=args.anchor_buckets)
+                                      for numeric in args.anchor_numeric], tasks)
                 group_report["hist_gradient_boosting"] = anchor
                 log(f"group {group} HGB test AUC: " + ", ".join(
                     f"{k} {v['mean']:.4f}" for k, v in anchor["test"].items()))
@@ -526,6 +543,7 @@ def markdown(report) -> str:
                 lines += [f"Search, group {group} HGB {t} (validation AUC):", "", "| axis | params | valid AUC |",
                           "|---|---|---|"]
                 lines += [f"| {row['axis']} | " + ", ".join(f"{k} {row[k]}" for k, _ in HGB_AXES) +
+                          (f", numeric {row['numeric']}" if "numeric" in row else "") +
                           f" | {row['valid_auc']:.4f} |" for row in rows]
                 lines.append("")
     return "\n".join(lines)

@@ -325,8 +325,9 @@ def _check_arguments(model, transform_output_dir, spec, export_dir):
     if not os.path.isdir(os.path.join(os.fspath(transform_output_dir), "transform_fn")):
         raise FileNotFoundError(f"{transform_output_dir} is not a tf.Transform output (no transform_fn/ inside)")
 
-    missing = sorted(set(spec.feature_names) - set(model.input))
-    extra = sorted(set(model.input) - set(spec.feature_names))
+    # input_names, not feature_names: a numeric feature with also_bucketize feeds the model two inputs.
+    missing = sorted(set(spec.input_names) - set(model.input))
+    extra = sorted(set(model.input) - set(spec.input_names))
     if missing or extra:
         raise ValueError(f"model inputs do not match the dataset spec's features: model lacks {missing}, "
                          f"model has inputs the spec does not produce {extra}")

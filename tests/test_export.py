@@ -231,3 +231,40 @@ def test_bad_arguments_raise_clear_errors(exports, tmp_path, change, error, mess
         kwargs["spec"] = census_spec(2)  # task group 2: different tasks and inputs
     with pytest.raises(error, match=message):
         export_serving_model(**kwargs)
+
+
+@pytest.mark.parametrize("xla", [True, False])
+def test_spec_with_also_bucketize_exports_and_matches_keras(tmp_path, xla):
+    # A numeric feature with also_bucketize feeds the model its value and its bucket id; the export must accept
+    # that model and serve what Keras computes on the tf.Transform output.
+    import textwrap
+
+    import tensorflow_transform as tft
+
+    from features.io import read_dataset
+    from features.spec import load_dataset_spec
+    from features.transform import transform_in_process, transformed_feature_info
+    from mmoe import InputFeature, ModelConfig, TaskSpec, build_model
+    from test_dataset_config import CONFIG, make_csv
+
+    config = tmp_path / "clicks.yaml"
+    config.write_text(textwrap.dedent(CONFIG).replace("{name: age, type: numeric}",
+                                                      "{name: age, type: numeric, also_bucketize: 4}"))
+    spec = load_dataset_spec(config)
+    make_csv(tmp_path / "clicks.csv")
+    frame = read_dataset(tmp_path / "clicks.csv", spec)
+    transform_in_process(spec, frame, {}, str(tmp_path / "tft"), progress=None)
+    tft_output = tft.TFTransformOutput(str(tmp_path / "tft"))
+    inputs = [InputFeature.from_dict(i) for i in transformed_feature_info(spec, tft_output)]
+    assert "age_bucket" in {i.name for i in inputs}
+    tasks = [TaskSpec(t.name, t.kind) for t in spec.tasks]
+    model = build_model(ModelConfig(num_experts=2, expert_units=(4,), tower_units=(4,)), inputs, tasks)
+    export_dir = str(tmp_path / "export" / "1")
+    export_serving_model(model, str(tmp_path / "tft"), spec, export_dir, xla=xla)
+
+    rows = frame.iloc[:37]
+    transformed = tft_output.transform_features_layer()({k: tf.constant(v) for k, v in raw_columns(rows, spec).items()})
+    want = model.predict({i.name: transformed[i.name] for i in inputs}, verbose=0)
+    got = _call_examples(tf.saved_model.load(export_dir), example_bytes(rows, spec))
+    for task in spec.task_names:
+        np.testing.assert_allclose(got[task], want[task], atol=1e-5, err_msg=task)

@@ -50,7 +50,7 @@ def _assert_fused_equals_tf_transform(spec, transform_dir, frame):
     tensors = {k: tf.constant(v) for k, v in raw.items()}
     want = layer(tensors)
     got = fused.transform(tensors)
-    assert set(got) == set(spec.feature_names)
+    assert set(got) == set(spec.input_names)
     for name, value in got.items():
         expected = want[name].numpy()
         if expected.dtype.kind == "f":

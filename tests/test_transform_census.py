@@ -29,7 +29,7 @@ def census_run(tmp_path_factory):
 def test_outputs_cover_features_labels_weight(census_run):
     spec, train, valid, _, arrays, _ = census_run
     assert set(arrays) == {"train", "valid", "odd"}
-    expected = set(spec.feature_names) | {"income_label", "marital_label", WEIGHT_KEY}
+    expected = set(spec.input_names) | {"income_label", "marital_label", WEIGHT_KEY}
     assert set(arrays["train"]) == expected
     assert all(len(v) == N_TRAIN for v in arrays["train"].values())
     assert all(len(v) == len(valid) for v in arrays["valid"].values())

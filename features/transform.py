@@ -181,6 +181,21 @@ def _label(x: tf.Tensor, task: Task, strip_period: bool) -> tf.Tensor:
     return x
 
 
+def _quantile_bucket(raw: tf.Tensor, filled: tf.Tensor, num_buckets: int, name: str) -> tf.Tensor:
+    """Training-quantile bucket id of `filled` (missing values already replaced by the training mean).
+
+    The quantiles are taken of `raw` with missing rows weighted 0, not of `filled`: `filled` depends on the
+    mean analyzer, and a quantiles analyzer over it makes the analysis two-phase, which fails in the TFX
+    Transform component (Beam, "ApplySavedModel[Phase1]") though it works in process. Otherwise this is
+    `tft.bucketize` (same epsilon, one analyzer per feature in spec order, as serving/fast_transform.py reads).
+    """
+    with tf.name_scope(name):
+        valid = tf.logical_not(tf.math.is_nan(raw))
+        boundaries = tft.quantiles(tf.where(valid, raw, tf.zeros_like(raw)), num_buckets,
+                                   epsilon=min(1.0 / num_buckets, 0.01), weights=tf.cast(valid, tf.float32))
+        return tft.apply_buckets(filled, boundaries)
+
+
 def make_preprocessing_fn(spec: DatasetSpec) -> Callable[[Dict[str, tf.Tensor]], Dict[str, tf.Tensor]]:
     """tf.Transform preprocessing_fn for `spec` (see the module docstring for what it does)."""
     last_column = spec.columns[-1]
@@ -209,18 +224,19 @@ def make_preprocessing_fn(spec: DatasetSpec) -> Callable[[Dict[str, tf.Tensor]],
 
         for f in spec.features:
             if isinstance(f, NumericFeature):
-                x = numeric[f.name]
+                raw = numeric[f.name]
                 mean, std = stats[f.name]
-                x = tf.where(tf.math.is_nan(x), mean, x)  # missing -> training mean
+                x = tf.where(tf.math.is_nan(raw), mean, raw)  # missing -> training mean
                 if f.bucketize is not None:
-                    out = tft.bucketize(x, f.bucketize, name=f"bucketize_{f.name}")
+                    out = _quantile_bucket(raw, x, f.bucketize, name=f"bucketize_{f.name}")
                 else:
                     # A constant column has std 0: emit x - mean (all zeros) rather than inf/NaN.
                     out = (x - mean) / tf.where(std > 0, std, tf.ones_like(std))
                 if f.also_bucketize is not None:
                     # Same place in the analyzer order as a `bucketize` feature would take (spec order);
                     # serving/fast_transform.py reads the boundaries in that order.
-                    outputs[f.bucket_input] = tft.bucketize(x, f.also_bucketize, name=f"bucketize_{f.bucket_input}")
+                    outputs[f.bucket_input] = _quantile_bucket(raw, x, f.also_bucketize,
+                                                               name=f"bucketize_{f.bucket_input}")
             elif isinstance(f, CategoricalFeature):
                 out = vocab_ids[f.name]
             else:  # HashedFeature

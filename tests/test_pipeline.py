@@ -551,3 +551,31 @@ def test_anomalies_stop_the_run_before_training(tmp_path):
     assert not (tmp_path / "serving").exists()
     text = format_summary(summary)
     assert "age" in text and "weeks_worked" in text and "stopped before training" in text
+
+
+@pytest.mark.slow
+def test_quantile_buckets_run_through_the_tfx_transform(tmp_path):
+    # A bucket's quantiles once depended on the mean analyzer (missing -> mean), a two-phase analysis that the
+    # TFX Transform component failed on ("ApplySavedModel[Phase1]") though the in-process transform ran it.
+    import tensorflow as tf
+
+    from pipelines.configs import make_config
+    from pipelines.local_runner import format_summary, run_local
+
+    spec = dataset_spec_to_dict(census_spec(1))
+    for feature in spec["features"]:
+        if feature["name"] == "age":
+            feature["bucketize"] = 8
+        elif feature["name"] == "weeks_worked":
+            feature["also_bucketize"] = 16
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "part-0.csv").write_text("".join(_sample_lines(2000)))
+    config_data = _config_data(IN_MEMORY)
+    config_data["dataset"] = spec
+    summary = run_local(make_config(config_data), data=str(data), pipeline_root=str(tmp_path / "root"),
+                        serving_dir=str(tmp_path / "serving"))
+    assert summary.ok, format_summary(summary)
+    assert summary.pushed, format_summary(summary)
+    transformed = tf.saved_model.load(summary.pushed_path).signatures["transform_features"]
+    assert {"age", "weeks_worked", "weeks_worked_bucket"} <= set(transformed.structured_outputs)

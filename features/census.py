@@ -54,6 +54,11 @@ WEIGHT_COLUMN = "instance_weight"
 NUMERIC_COLUMNS = ("age", "wage_per_hour", "capital_gains", "capital_losses", "stock_dividends",
                    "num_emp", "weeks_worked")
 LOG_COLUMNS = ("wage_per_hour", "capital_gains", "capital_losses", "stock_dividends")
+# Each numeric column also feeds its 64-quantile bucket id (`also_bucketize`): the network sees both the value
+# and a learned embedding of its range, which trees get for free by splitting.  On the census benchmark
+# (BENCHMARKS.md, protocol b, seed 0, otherwise equal settings) this took MMoE's test AUC from 0.9436 to 0.9444
+# (income) and from 0.8873 to 0.8919 (education); bucket ids alone, without the value, were worse (-0.009).
+NUMERIC_BUCKETS = 64
 # Numeric-looking columns that are really codes (industry/occupation recodes,
 # self-employment status, veterans' benefits status, survey year): a
 # vocabulary, since their numeric order means nothing.
@@ -119,7 +124,7 @@ def census_spec(task_group: int = 1) -> DatasetSpec:
         if column in excluded:
             continue
         if column in NUMERIC_COLUMNS:
-            features.append(NumericFeature(column, log=column in LOG_COLUMNS))
+            features.append(NumericFeature(column, log=column in LOG_COLUMNS, also_bucketize=NUMERIC_BUCKETS))
         else:
             features.append(CategoricalFeature(column))
     marital = Task("marital", "binary", "marital_stat", positive=["Never married"], values=MARITAL_VALUES)

@@ -205,5 +205,6 @@ def test_data_export_loads_without_tensorflow(small_census, tmp_path):
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
     assert summary["rows"] == {"train": 1500, "valid": 500, "test": 500}
     assert summary["tasks"] == ["income", "marital"]
-    assert summary["n_inputs"] == 38  # 42 columns less education, marital_stat, income_50k, instance_weight
+    # 42 columns less education, marital_stat, income_50k, instance_weight; plus a bucket id per numeric quantity
+    assert summary["n_inputs"] == 38 + 7
     assert 0 < summary["pos"] < 0.2

@@ -31,6 +31,11 @@ def test_outputs_cover_features_labels_weight(census_run):
     assert set(arrays) == {"train", "valid", "odd"}
     expected = set(spec.input_names) | {"income_label", "marital_label", WEIGHT_KEY}
     assert set(arrays["train"]) == expected
+    # age_bucket is age's training-quantile bucket: ordered with age, and spread over many of its 64 buckets.
+    age, bucket = arrays["train"]["age"], arrays["train"]["age_bucket"]
+    order = np.argsort(age, kind="stable")
+    assert np.all(np.diff(bucket[order]) >= 0)
+    assert len(np.unique(bucket)) > 30 and bucket.min() >= 0 and bucket.max() < 64
     assert all(len(v) == N_TRAIN for v in arrays["train"].values())
     assert all(len(v) == len(valid) for v in arrays["valid"].values())
 

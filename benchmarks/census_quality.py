@@ -71,7 +71,6 @@ BASE = {"learning_rate": 1e-3, "batch_size": 512, "num_experts": 8, "expert_unit
 TRAIN_DEFAULTS = {"numeric": "zscore", "numeric_buckets": 16, "schedule": "constant", "cosine_epochs": 20,
                   "weight_decay": 0.0, "patience": None, "main_loss_weight": 1.0}
 TRAIN_KEYS = {"batch_size", "use_weights", *TRAIN_DEFAULTS}
-BUCKET_SUFFIX = "_bucket"
 # Chosen settings per (group, arch): the group 1 MMoE search's result (--search, seed 0, validation income
 # AUC 0.9427 against 0.9411 at BASE; the table prints with the group 1 command), used without --search, for
 # Shared-Bottom and for group 2 as well (no search of their own).
@@ -162,12 +161,13 @@ def _quantile_buckets(train_values, values, n):
 
 def numeric_inputs(features, splits, mode, n_buckets):
     """(features, splits) with numeric inputs as `mode` says (see TRAIN_DEFAULTS); the splits are not copied."""
+    from features.spec import bucket_name
     from mmoe import InputFeature
     from mmoe.training import TaskData
 
     names = {f.name for f in features}
     numeric = [f for f in features if f.kind == "numeric"]
-    twins = {f.name: f.name + BUCKET_SUFFIX for f in numeric if f.name + BUCKET_SUFFIX in names}
+    twins = {f.name: bucket_name(f.name) for f in numeric if bucket_name(f.name) in names}
     if mode == "zscore":
         keep = [f for f in features if f.name not in twins.values()]
         return keep, {k: TaskData({f.name: d.inputs[f.name] for f in keep}, d.labels, d.weights)
@@ -180,9 +180,9 @@ def numeric_inputs(features, splits, mode, n_buckets):
         train = splits["train"].inputs[f.name]
         size = None
         for k in inputs:
-            inputs[k][f.name + BUCKET_SUFFIX], size = _quantile_buckets(train, inputs[k][f.name], n_buckets)
-        out.append(InputFeature(f.name + BUCKET_SUFFIX, "categorical", vocab_size=size))
-        twins[f.name] = f.name + BUCKET_SUFFIX
+            inputs[k][bucket_name(f.name)], size = _quantile_buckets(train, inputs[k][f.name], n_buckets)
+        out.append(InputFeature(bucket_name(f.name), "categorical", vocab_size=size))
+        twins[f.name] = bucket_name(f.name)
     if mode == "buckets":
         out = [f for f in out if f.name not in twins]
     elif mode != "both":

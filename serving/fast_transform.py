@@ -118,8 +118,9 @@ class FusedTransform(tf.Module):
         features = list(spec.features)
         numeric = [f for f in features if isinstance(f, NumericFeature)]
         zscored = [f for f in numeric if f.bucketize is None]
-        # Every quantile-bucket output, in the order the preprocessing_fn calls tft.bucketize (spec order):
-        # `bucketize` features (output under their own name) and `also_bucketize` ones (under bucket_input).
+        # Every quantile-bucket output, in the order the preprocessing_fn creates their quantiles analyzers
+        # (features.transform._quantile_bucket, spec order): `bucketize` features (output under their own name)
+        # and `also_bucketize` ones (under bucket_input).
         bucketized = [f for f in numeric if f.bucketize is not None or f.also_bucketize is not None]
         bucket_outputs = [f.name if f.bucketize is not None else f.bucket_input for f in bucketized]
         categorical = [f for f in features if isinstance(f, CategoricalFeature)]

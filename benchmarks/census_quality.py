@@ -8,7 +8,9 @@ For every task group and architecture: optionally a documented search on validat
 (--search: a coordinate search, one axis at a time from the best point so far, over the numeric
 input representation, learning rate, batch size, learning-rate schedule, weight decay, dropout,
 widths, experts, tower width, embedding width, the census instance weight, patience, the main
-task's loss weight and the bucket count (`search_axes`); each point is one training run, seed 0,
+task's loss weight, the bucket count, weight averaging (EMA) and the money columns' representation
+(log scale, zero as its own bucket), then a second pass over bucket count, learning rate, cosine
+length, embedding width, widths and dropout (`search_axes`); each point is one training run, seed 0,
 early stopping on the main task's validation AUC), then --seeds training runs with the chosen
 settings (CHOSEN); test AUC as mean +- std and the best run.
 
@@ -16,7 +18,8 @@ The anchor is scikit-learn's HistGradientBoostingClassifier (native categorical 
 model per task, on the same transformed features, rows and splits; like the networks it is
 stopped at the boosting iteration with the best validation AUC, and its learning rate and leaf
 count are chosen on validation by the same kind of coordinate search (--search or --anchor-search;
-HGB_AXES). --anchor-numeric gives it the networks' numeric inputs (bucket ids beside the numbers).
+HGB_AXES). --anchor-numeric gives it the networks' numeric inputs (bucket ids beside the numbers),
+--anchor-money their money bucket ids (zero as its own bucket).
 
     mmoe data export --data ../shared/data/census-income/census-income.test.gz --task-group 1 --out /tmp/g1.npz
     python benchmarks/census_quality.py --arrays /tmp/g1.npz --archs mmoe shared_bottom --seeds 5 --search
@@ -68,8 +71,17 @@ BASE = {"learning_rate": 1e-3, "batch_size": 512, "num_experts": 8, "expert_unit
 #   weight_decay: > 0 trains with AdamW (decoupled weight decay) instead of Adam.
 #   patience: early-stopping patience (epochs) on the main task's validation AUC.
 #   main_loss_weight: weight of the main task's loss (the other task's stays 1).
+#   ema: > 0 keeps an exponential moving average of the weights with this momentum per step (Polyak
+#     averaging; Keras `use_ema`), and validates, early-stops on and keeps the averaged weights.
+#   money: how the mostly-zero money columns (MONEY_COLUMNS) enter: "plain" like the other numeric inputs;
+#     "log": their z-scored input is log-scaled (`money_log`); "zero": zero gets its own bucket id and the
+#     quantile buckets are taken over the non-zero training values (`zero_buckets`; derived bucket ids only,
+#     so with numeric "both" or "buckets"); "log_zero": both.
 TRAIN_DEFAULTS = {"numeric": "zscore", "numeric_buckets": 16, "schedule": "constant", "cosine_epochs": 20,
-                  "weight_decay": 0.0, "patience": None, "main_loss_weight": 1.0}
+                  "weight_decay": 0.0, "patience": None, "main_loss_weight": 1.0, "ema": 0.0, "money": "plain"}
+# Census money amounts: 90-98% zeros and a long tail, so 64 quantile buckets collapse to two or three.
+MONEY_COLUMNS = ("wage_per_hour", "capital_gains", "capital_losses", "stock_dividends")
+MONEY_MODES = ("plain", "log", "zero", "log_zero")
 TRAIN_KEYS = {"batch_size", "use_weights", *TRAIN_DEFAULTS}
 # Chosen settings per (group, arch): the group 1 MMoE search's result (--search, seed 0, validation income
 # AUC 0.9427 against 0.9411 at BASE; the table prints with the group 1 command), used without --search, for
@@ -100,7 +112,16 @@ def search_axes(arch):
              ("use_weights", [{"use_weights": v} for v in (False, True)]),
              ("patience", [{"patience": v} for v in (None, 8)]),
              ("main_loss_weight", [{"main_loss_weight": v} for v in (1.0, 3.0, 0.5)]),
-             ("numeric_buckets", [{"numeric_buckets": v} for v in (16, 32, 64)])]
+             ("numeric_buckets", [{"numeric_buckets": v} for v in (16, 32, 64)]),
+             ("ema", [{"ema": v} for v in (0.0, 0.99, 0.999)]),
+             ("money", [{"money": v} for v in MONEY_MODES])]
+    # A second, shorter pass over the axes most likely to move at the new money inputs.
+    axes += [("numeric_buckets 2", [{"numeric_buckets": v} for v in (32, 64, 128)]),
+             ("learning_rate 2", [{"learning_rate": v} for v in (1e-3, 2e-3, 5e-4)]),
+             ("cosine_epochs", [{"cosine_epochs": v} for v in (20, 40)]),
+             ("embedding_dim 2", [{"embedding_dim": v} for v in (16, 32)]),
+             (f"{width} 2", [{width: v} for v in widths[1:]]),
+             ("dropout 2", [{"expert_dropout": v, "tower_dropout": v} for v in (0.0, 0.1)])]
     return axes
 
 
@@ -159,36 +180,101 @@ def _quantile_buckets(train_values, values, n):
     return np.searchsorted(boundaries, values, side="right").astype("int64"), len(boundaries) + 1
 
 
-def numeric_inputs(features, splits, mode, n_buckets):
-    """(features, splits) with numeric inputs as `mode` says (see TRAIN_DEFAULTS); the splits are not copied."""
+def zero_buckets(train_values, values, n):
+    """Like `_quantile_buckets`, but the training minimum (a money column's zero) is id 0 and the n-quantile
+    boundaries are taken over the training values above it (ids from 1); returns (ids, vocabulary size)."""
+    low = train_values.min()
+    ids, size = _quantile_buckets(train_values[train_values > low], values, n)
+    return np.where(values <= low, 0, ids + 1).astype("int64"), size + 1
+
+
+def money_log(train_values, values):
+    """z-score of log1p(x / m), x = value minus the training minimum (a money column's zero), m = the median
+    non-zero training x. Scale-free, so it works on the already z-scored arrays: log1p(amount / median amount)."""
+    low = train_values.min()
+    above = train_values[train_values > low] - low
+    scale = float(np.median(above)) if len(above) else 1.0
+
+    def log(v):
+        return np.log1p(np.maximum(v - low, 0) / scale)
+
+    t = log(train_values.astype("float64"))
+    return ((log(values.astype("float64")) - t.mean()) / (t.std() or 1.0)).astype("float32")
+
+
+def numeric_inputs(features, splits, mode, n_buckets, money="plain"):
+    """(features, splits) with numeric inputs as `mode` and `money` say (see TRAIN_DEFAULTS); the splits are not
+    copied."""
     from features.spec import bucket_name
     from mmoe import InputFeature
     from mmoe.training import TaskData
 
+    if mode not in ("zscore", "buckets", "both"):
+        raise ValueError(f"numeric must be zscore, buckets or both, got {mode!r}")
+    if money not in MONEY_MODES:
+        raise ValueError(f"money must be one of {MONEY_MODES}, got {money!r}")
     names = {f.name for f in features}
     numeric = [f for f in features if f.kind == "numeric"]
     twins = {f.name: bucket_name(f.name) for f in numeric if bucket_name(f.name) in names}
-    if mode == "zscore":
-        keep = [f for f in features if f.name not in twins.values()]
-        return keep, {k: TaskData({f.name: d.inputs[f.name] for f in keep}, d.labels, d.weights)
-                      for k, d in splits.items()}
     inputs = {k: dict(d.inputs) for k, d in splits.items()}
     out = list(features)
+    if mode == "zscore":
+        out = [f for f in features if f.name not in twins.values()]
     for f in numeric:
-        if f.name in twins:
+        if mode == "zscore" or f.name in twins:
             continue
         train = splits["train"].inputs[f.name]
+        bucketize = zero_buckets if money in ("zero", "log_zero") and f.name in MONEY_COLUMNS else _quantile_buckets
         size = None
         for k in inputs:
-            inputs[k][bucket_name(f.name)], size = _quantile_buckets(train, inputs[k][f.name], n_buckets)
+            inputs[k][bucket_name(f.name)], size = bucketize(train, inputs[k][f.name], n_buckets)
         out.append(InputFeature(bucket_name(f.name), "categorical", vocab_size=size))
         twins[f.name] = bucket_name(f.name)
+    if money in ("log", "log_zero"):
+        for f in numeric:
+            if f.name in MONEY_COLUMNS:
+                train = splits["train"].inputs[f.name]
+                for k in inputs:
+                    inputs[k][f.name] = money_log(train, inputs[k][f.name])
     if mode == "buckets":
         out = [f for f in out if f.name not in twins]
-    elif mode != "both":
-        raise ValueError(f"numeric must be zscore, buckets or both, got {mode!r}")
     return out, {k: TaskData({f.name: inputs[k][f.name] for f in out}, d.labels, d.weights)
                  for k, d in splits.items()}
+
+
+def optimizer_for(settings, learning_rate, main_task, n_train):
+    """(optimizer, callbacks) for the schedule, weight_decay and ema settings; the optimizer is None when
+    they are all at their defaults (compile_model's plain Adam is kept)."""
+    import keras
+
+    from mmoe.training import monitor_for
+
+    schedule, decay = train_setting(settings, "schedule"), train_setting(settings, "weight_decay")
+    ema = train_setting(settings, "ema")
+    callbacks = []
+    if schedule == "constant" and not decay and not ema:
+        return None, callbacks
+    lr = learning_rate
+    if schedule == "cosine":
+        steps = -(-n_train // settings["batch_size"])
+        lr = keras.optimizers.schedules.CosineDecay(lr, steps * train_setting(settings, "cosine_epochs"), alpha=0.01)
+    elif schedule == "plateau":
+        monitor, mode = monitor_for(main_task)
+        callbacks.append(keras.callbacks.ReduceLROnPlateau(monitor=monitor, mode=mode, factor=0.3, patience=2,
+                                                           min_lr=1e-5))
+    elif schedule != "constant":
+        raise ValueError(f"schedule must be constant, plateau or cosine, got {schedule!r}")
+    averaging = {"use_ema": True, "ema_momentum": ema} if ema else {}
+    optimizer = (keras.optimizers.AdamW(learning_rate=lr, weight_decay=decay, **averaging) if decay
+                 else keras.optimizers.Adam(learning_rate=lr, **averaging))
+    if ema:
+        # Validation runs on the averaged weights (SwapEMAWeights swaps them in at on_test_begin), and with
+        # swap_on_epoch they are also in the model at on_epoch_end, where fit's EarlyStopping (added after
+        # these callbacks) records its best weights. Its restore at the end of fit comes after the optimizer's
+        # finalize_variable_values (which after an early stop would put the raw weights back), so the model
+        # ends with the averaged weights of the best epoch.
+        callbacks.append(keras.callbacks.SwapEMAWeights(swap_on_epoch=True))
+    return optimizer, callbacks
 
 
 def train_once(arch, settings, features, tasks, splits, seed, epochs, patience=4):
@@ -196,7 +282,7 @@ def train_once(arch, settings, features, tasks, splits, seed, epochs, patience=4
 
     from mmoe import ModelConfig, build_model, compile_model
     from mmoe.models import task_losses, task_metrics
-    from mmoe.training import TaskData, evaluate, fit, monitor_for
+    from mmoe.training import TaskData, evaluate, fit
 
     model_keys = {k: v for k, v in settings.items() if k not in TRAIN_KEYS}
     config = ModelConfig(arch=arch, **model_keys)
@@ -204,7 +290,7 @@ def train_once(arch, settings, features, tasks, splits, seed, epochs, patience=4
     if main_weight != 1.0:
         tasks = [dataclasses.replace(tasks[0], loss_weight=tasks[0].loss_weight * main_weight), *tasks[1:]]
     features, splits = numeric_inputs(features, splits, train_setting(settings, "numeric"),
-                                      train_setting(settings, "numeric_buckets"))
+                                      train_setting(settings, "numeric_buckets"), train_setting(settings, "money"))
     patience = train_setting(settings, "patience") or patience
     train, valid = splits["train"], splits["valid"]
     if not settings.get("use_weights"):
@@ -213,22 +299,8 @@ def train_once(arch, settings, features, tasks, splits, seed, epochs, patience=4
     valid = TaskData(valid.inputs, valid.labels)
     keras.utils.set_random_seed(seed)
     model = compile_model(build_model(config, features, tasks), config, tasks, steps_per_execution=16)
-    schedule, decay = train_setting(settings, "schedule"), train_setting(settings, "weight_decay")
-    callbacks = []
-    if schedule != "constant" or decay:
-        lr = config.learning_rate
-        if schedule == "cosine":
-            steps = -(-len(train.labels[tasks[0].name]) // settings["batch_size"])
-            lr = keras.optimizers.schedules.CosineDecay(lr, steps * train_setting(settings, "cosine_epochs"),
-                                                        alpha=0.01)
-        elif schedule == "plateau":
-            monitor, mode = monitor_for(tasks[0])
-            callbacks.append(keras.callbacks.ReduceLROnPlateau(monitor=monitor, mode=mode, factor=0.3, patience=2,
-                                                               min_lr=1e-5))
-        elif schedule != "constant":
-            raise ValueError(f"schedule must be constant, plateau or cosine, got {schedule!r}")
-        optimizer = (keras.optimizers.AdamW(learning_rate=lr, weight_decay=decay) if decay
-                     else keras.optimizers.Adam(learning_rate=lr))
+    optimizer, callbacks = optimizer_for(settings, config.learning_rate, tasks[0], len(train))
+    if optimizer is not None:
         model.compile(optimizer=optimizer, loss=task_losses(tasks), loss_weights={t.name: t.loss_weight for t in tasks},
                       metrics=task_metrics(tasks), jit_compile=True, steps_per_execution=16)
     started = time.time()
@@ -339,16 +411,17 @@ def hgb_fit(features, splits, task, params, seed=0, use_weights=False):
 
 
 def gradient_boosting_anchor(features, tasks, splits, cache, base_key, search, seeds, log, numeric="zscore",
-                             numeric_buckets=TRAIN_DEFAULTS["numeric_buckets"]):
-    """The anchor per task; `numeric`, `numeric_buckets` as for the networks (TRAIN_DEFAULTS), so it can see the
-    same inputs."""
-    report = {"search": {}, "settings": {}, "runs": [], "valid": {}, "test": {}, "numeric": numeric}
-    features, splits = numeric_inputs(features, splits, numeric, numeric_buckets)
+                             numeric_buckets=TRAIN_DEFAULTS["numeric_buckets"], money="plain"):
+    """The anchor per task; `numeric`, `numeric_buckets`, `money` as for the networks (TRAIN_DEFAULTS), so it can
+    see the same inputs."""
+    report = {"search": {}, "settings": {}, "runs": [], "valid": {}, "test": {}, "numeric": numeric, "money": money}
+    features, splits = numeric_inputs(features, splits, numeric, numeric_buckets, money)
     for t in tasks:
         def run(params, seed=0):
             key = {**base_key, "model": "hist_gradient_boosting", "task": t.name, "params": params, "seed": seed,
                    "max_iter": HGB_MAX_ITER, "stop": [HGB_CHUNK, HGB_PATIENCE],
-                   **({"numeric": numeric, "numeric_buckets": numeric_buckets} if numeric != "zscore" else {})}
+                   **({"numeric": numeric, "numeric_buckets": numeric_buckets} if numeric != "zscore" else {}),
+                   **({"money": money} if money != "plain" else {})}
             return cache.get(key, lambda: hgb_fit(features, splits, t.name, params, seed))
 
         params = {name: values[0] for name, values in HGB_AXES}
@@ -370,18 +443,22 @@ def gradient_boosting_anchor(features, tasks, splits, cache, base_key, search, s
 
 
 def best_anchor(reports, tasks):
-    """One anchor report from several (one per numeric representation): per task the best on validation."""
+    """One anchor report from several (one per input representation): per task the best on validation."""
     if len(reports) == 1:
         return reports[0]
     out = {"search": {}, "settings": {}, "runs": [], "valid": {}, "test": {}}
     for i, t in enumerate(tasks):
         best = max(reports, key=lambda r: r["valid"][t.name]["mean"])
-        out["search"][t.name] = [{**row, "numeric": r["numeric"]} for r in reports
+        out["search"][t.name] = [{**row, "numeric": r["numeric"], **_money(r)} for r in reports
                                  for row in r["search"].get(t.name, [])]
-        out["settings"][t.name] = {**best["settings"][t.name], "numeric": best["numeric"]}
+        out["settings"][t.name] = {**best["settings"][t.name], "numeric": best["numeric"], **_money(best)}
         out["valid"][t.name], out["test"][t.name] = best["valid"][t.name], best["test"][t.name]
         out["runs"].append(best["runs"][i])
     return out
+
+
+def _money(report):
+    return {"money": report["money"]} if report.get("money", "plain") != "plain" else {}
 
 
 def summarize(runs, tasks, split="test"):
@@ -415,6 +492,9 @@ def main(argv=None):
                         "keeps the one with the best validation AUC (give the networks' choice among them)")
     parser.add_argument("--anchor-buckets", type=int, default=TRAIN_DEFAULTS["numeric_buckets"],
                         help="quantile buckets per numeric input with --anchor-numeric both/buckets")
+    parser.add_argument("--anchor-money", nargs="+", default=["plain"], choices=["plain", "zero"],
+                        help="money columns of the anchor (TRAIN_DEFAULTS['money']; the trees are blind to the log, "
+                        "and zero only changes bucket ids, so it is tried with --anchor-numeric both/buckets only)")
     parser.add_argument("--anchor-search", action="store_true", help="tune the anchor on validation even "
                         "without --search (--search tunes it too)")
     parser.add_argument("--anchor-seeds", type=int, default=1, help="the anchor is deterministic; 1 is enough")
@@ -447,8 +527,9 @@ def main(argv=None):
                 anchor = best_anchor([gradient_boosting_anchor(features, tasks, splits, cache, base_key,
                                                                args.search or args.anchor_search, args.anchor_seeds,
                                                                log, numeric=numeric,
-                                                               numeric_buckets=args.anchor_buckets)
-                                      for numeric in args.anchor_numeric], tasks)
+                                                               numeric_buckets=args.anchor_buckets, money=money)
+                                      for numeric in args.anchor_numeric for money in args.anchor_money
+                                      if numeric != "zscore" or money == "plain"], tasks)
                 group_report["hist_gradient_boosting"] = anchor
                 log(f"group {group} HGB test AUC: " + ", ".join(
                     f"{k} {v['mean']:.4f}" for k, v in anchor["test"].items()))
@@ -493,7 +574,8 @@ def _fmt(settings):
     short = {"learning_rate": "lr", "batch_size": "batch", "num_experts": "experts", "expert_units": "expert",
              "bottom_units": "bottom", "tower_units": "tower", "expert_dropout": "drop", "embedding_dim": "emb",
              "use_weights": "weights", "numeric": "numeric", "schedule": "schedule", "weight_decay": "wd",
-             "patience": "patience", "main_loss_weight": "main weight", "numeric_buckets": "buckets"}
+             "patience": "patience", "main_loss_weight": "main weight", "numeric_buckets": "buckets",
+             "cosine_epochs": "cosine epochs", "ema": "ema", "money": "money"}
     parts = []
     for k, name in short.items():
         if k in settings:
@@ -544,6 +626,7 @@ def markdown(report) -> str:
                           "|---|---|---|"]
                 lines += [f"| {row['axis']} | " + ", ".join(f"{k} {row[k]}" for k, _ in HGB_AXES) +
                           (f", numeric {row['numeric']}" if "numeric" in row else "") +
+                          (f", money {row['money']}" if "money" in row else "") +
                           f" | {row['valid_auc']:.4f} |" for row in rows]
                 lines.append("")
     return "\n".join(lines)

@@ -88,3 +88,111 @@ def test_gradient_boosting_anchor_stops_at_its_best_validation_iteration():
     # Noisy labels and a high learning rate: the best iteration comes early, and the fit stopped
     # HGB_PATIENCE iterations after it instead of growing all HGB_MAX_ITER trees.
     assert r["iterations"] < census_quality.HGB_MAX_ITER - census_quality.HGB_PATIENCE
+
+
+def test_zero_buckets_give_zero_its_own_id_and_quantiles_over_the_rest():
+    from benchmarks.census_quality import _quantile_buckets, zero_buckets
+
+    # A money column: 90% zeros (here the z-scored zero, -0.3), then a long tail.
+    train = np.concatenate([np.full(900, -0.3), np.linspace(1.0, 100.0, 100)]).astype("float32")
+    plain, plain_size = _quantile_buckets(train, train, 8)
+    assert plain_size <= 3  # the zeros swallow almost every quantile boundary
+    ids, size = zero_buckets(train, np.array([-0.3, -5.0, 1.0, 50.0, 100.0, 1e6], "float32"), 8)
+    assert size == 9  # zero + 8 quantile buckets of the non-zero values
+    assert ids.tolist()[:2] == [0, 0]  # zero, and anything below the training minimum
+    assert ids.tolist()[2:] == [1, 4, 8, 8]  # boundaries 13.4, 25.8, 38.1, 50.5, ...; 1e6 in the last
+    all_ids, _ = zero_buckets(train, train, 8)
+    counts = np.bincount(all_ids)
+    assert counts[0] == 900 and len(counts) == 9 and set(counts[1:]) == {12, 13}  # even over the non-zeros
+
+
+def test_money_log_is_scale_free_and_compresses_the_tail():
+    from benchmarks.census_quality import money_log
+
+    amounts = np.concatenate([np.zeros(90), np.array([10.0, 20.0, 50.0, 100.0, 100.0, 200.0, 500.0, 1e3, 1e4, 1e5])])
+    z = ((amounts - amounts.mean()) / amounts.std()).astype("float32")
+    out = money_log(z, z)
+    # The same as z-scoring log1p(amount / median non-zero amount): the arrays' own scaling does not matter.
+    expected = np.log1p(amounts / 150.0)
+    np.testing.assert_allclose(out, (expected - expected.mean()) / expected.std(), atol=1e-4)
+    assert abs(out.mean()) < 1e-5 and abs(out.std() - 1) < 1e-4
+    # The tail is compressed: 1e3 -> 1e4 -> 1e5 are two equal steps, not a 10x larger second one.
+    assert (z[-1] - z[-2]) / (z[-2] - z[-3]) > 9
+    assert 0.9 < (out[-1] - out[-2]) / (out[-2] - out[-3]) < 1.1
+    assert np.all(np.diff(out[90:]) >= 0)  # monotone, so quantile bucket ids are unchanged
+
+
+def test_numeric_inputs_money_modes_touch_only_the_money_columns():
+    from benchmarks.census_quality import numeric_inputs
+    from mmoe.training import TaskData
+
+    rng = np.random.default_rng(0)
+
+    def split(n):
+        gains = np.where(rng.random(n) < 0.9, 0.0, rng.lognormal(8, 1, n)).astype("float32")
+        return TaskData({"age": rng.normal(size=n).astype("float32"), "capital_gains": gains},
+                        {"t": rng.integers(0, 2, n).astype("float32")})
+
+    features = [InputFeature("age"), InputFeature("capital_gains")]
+    splits = {"train": split(2000), "valid": split(500)}
+    plain_f, plain = numeric_inputs(features, splits, "both", 16)
+    f, out = numeric_inputs(features, splits, "both", 16, money="log_zero")
+    sizes = {x.name: x.vocab_size for x in f}
+    assert sizes["capital_gains_bucket"] == 17 > {x.name: x.vocab_size for x in plain_f}["capital_gains_bucket"]
+    assert sizes["age_bucket"] == 16
+    for k in splits:
+        np.testing.assert_array_equal(out[k].inputs["age"], splits[k].inputs["age"])
+        np.testing.assert_array_equal(out[k].inputs["age_bucket"], plain[k].inputs["age_bucket"])
+        assert not np.allclose(out[k].inputs["capital_gains"], splits[k].inputs["capital_gains"])
+        zero = splits[k].inputs["capital_gains"] == 0
+        assert np.all(out[k].inputs["capital_gains_bucket"][zero] == 0)
+        assert np.all(out[k].inputs["capital_gains_bucket"][~zero] > 0)
+    # "log" alone leaves the bucket ids as they were; the z-scored input alone ("zscore") is still log-scaled.
+    _, log_only = numeric_inputs(features, splits, "both", 16, money="log")
+    np.testing.assert_array_equal(log_only["train"].inputs["capital_gains_bucket"],
+                                  plain["train"].inputs["capital_gains_bucket"])
+    zf, zs = numeric_inputs(features, splits, "zscore", 16, money="log")
+    assert [x.name for x in zf] == ["age", "capital_gains"]
+    np.testing.assert_array_equal(zs["valid"].inputs["capital_gains"], out["valid"].inputs["capital_gains"])
+
+
+def test_ema_setting_ends_training_with_the_averaged_weights():
+    import keras
+
+    from benchmarks.census_quality import optimizer_for
+    from mmoe import compile_model
+    from mmoe.models import task_losses, task_metrics
+    from mmoe.training import TaskData, fit
+
+    rng = np.random.default_rng(0)
+
+    def split(n, noise):
+        a = rng.normal(size=n).astype("float32")
+        y = (a + noise * rng.normal(size=n) > 0).astype("float32")
+        return TaskData({"a": a}, {"t": y, "u": y})
+
+    # Two tasks: with one output Keras names the metric val_auc, not the val_t_auc early stopping watches.
+    features, tasks = [InputFeature("a")], [TaskSpec("t"), TaskSpec("u")]
+    # Validation labels are (nearly) noise, so its AUC wanders and early stopping ends training before 12 epochs.
+    train, valid = split(512, 0.3), split(256, 30.0)
+
+    def trained(ema):
+        keras.utils.set_random_seed(0)
+        config = ModelConfig(num_experts=2, expert_units=(4,), tower_units=(4,), learning_rate=0.05)
+        model = compile_model(build_model(config, features, tasks), config, tasks)
+        initial = model.get_weights()
+        optimizer, callbacks = optimizer_for({"batch_size": 64, "ema": ema}, config.learning_rate, tasks[0], 512)
+        if optimizer is not None:  # ema 0 with the other defaults: compile_model's Adam stays
+            model.compile(optimizer=optimizer, loss=task_losses(tasks), metrics=task_metrics(tasks))
+        history = fit(model, tasks, train, valid, epochs=12, batch_size=64, patience=2, verbose=0,
+                      callbacks=callbacks)
+        moved = max(float(np.abs(w - w0).max()) for w, w0 in zip(model.get_weights(), initial))
+        return moved, len(history.history["loss"])
+
+    raw_moved, _ = trained(0.0)
+    # An average that barely moves after Keras starts it at the weights after the first step (one Adam step:
+    # at most about the learning rate per weight): the raw weights move far, yet after the early stop (where
+    # Keras's final overwrite would put the raw weights back) the model must end with the averaged ones.
+    ema_moved, epochs = trained(0.99999)
+    assert epochs < 12
+    assert raw_moved > 0.2 and ema_moved < 0.06

@@ -14,8 +14,8 @@ For each export (XLA, non-XLA) it measures
 and prints p50 / p99 latency (ms) and throughput (examples/s) per cell, and for gRPC cells the server
 process's CPU time per request (user + system, from /proc), which the client's own cost does not enter.
 
-Clients are threads of this process (one Python process: its CPU per request is printed below the table) and the
-server is another process, all on the same cores, so on a small machine the throughput numbers include client
+Clients run in this process (`--client aio`, the default: coroutines on one asyncio loop; `--client threads`: one
+thread each; its CPU per request is printed below the table) and the server is another process, all on the same cores, so on a small machine the throughput numbers include client
 overhead and contention; they are meant for comparing rows, not as absolutes.
 """
 from __future__ import annotations
@@ -111,16 +111,87 @@ def start_server(base=None, name=None, batching_file=None, config_file=None):
                                                           if batching_file else [])])
 
 
-def bench_grpc(address, name, examples, batch, clients, seconds, server_pid=None):
-    import grpc
+def bench_grpc(address, name, examples, batch, clients, seconds, server_pid=None, client="aio"):
+    """Predict calls of `batch` examples from `clients` concurrent clients for `seconds`.
+
+    client "aio": the clients are coroutines on one asyncio loop sharing `grpc.aio` channels (TF Serving's stub
+    works on them unchanged); "threads": one thread per client with the synchronous stub.  Both keep `clients`
+    requests in flight; the asyncio client costs this process far less CPU per request, which matters when
+    client and server share two cores."""
     import tensorflow as tf
-    from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
+    from tensorflow_serving.apis import predict_pb2
 
     request = predict_pb2.PredictRequest()
     request.model_spec.name = name
     request.inputs["examples"].CopyFrom(tf.make_tensor_proto(examples[:batch], dtype=tf.string))
-    payload = request.SerializeToString()
-    request = predict_pb2.PredictRequest.FromString(payload)
+    request = predict_pb2.PredictRequest.FromString(request.SerializeToString())
+    clock = {}
+
+    def mark(key):
+        clock[key] = (time.perf_counter(), process_cpu_seconds(server_pid) if server_pid else None,
+                      sum(os.times()[:2]))
+
+    if client == "aio":
+        import asyncio
+        results, errors = asyncio.run(_aio_clients(address, request, clients, seconds, mark))
+    elif client == "threads":
+        results, errors = _thread_clients(address, request, clients, seconds, mark)
+    else:
+        raise ValueError(f"client must be aio or threads, got {client!r}")
+    (start, cpu_start, own_start), (end, cpu_end, own_end) = clock["start"], clock["end"]
+    latencies = [x for r in results for x in r]
+    out = summarize(latencies, batch * len(latencies), end - start)
+    out["errors"] = len(errors)
+    # CPU per request (ms): the server process's, and this (client) process's; the few requests still in
+    # flight when the clock stops are counted in the CPU but not in the requests (a slight overestimate).
+    requests = max(len(latencies), 1)
+    if server_pid:
+        out["server_cpu_ms"] = (cpu_end - cpu_start) / requests * 1e3
+    out["client_cpu_ms"] = (own_end - own_start) / requests * 1e3
+    return out
+
+
+async def _aio_clients(address, request, clients, seconds, mark):
+    import asyncio
+
+    import grpc
+    from tensorflow_serving.apis import prediction_service_pb2_grpc
+
+    channels = [grpc.aio.insecure_channel(address) for _ in range(min(clients, 4))]
+    stubs = [prediction_service_pb2_grpc.PredictionServiceStub(c) for c in channels]
+    for s in stubs:
+        for _ in range(10):
+            await s.Predict(request, timeout=60)
+    results = [[] for _ in range(clients)]
+    errors = []
+    running = True
+
+    async def client(i):
+        stub = stubs[i % len(stubs)]
+        while running:
+            t = time.perf_counter()
+            try:
+                await stub.Predict(request, timeout=60)
+            except grpc.RpcError as err:
+                errors.append(err.code())
+                continue
+            results[i].append(time.perf_counter() - t)
+
+    mark("start")
+    tasks = [asyncio.ensure_future(client(i)) for i in range(clients)]
+    await asyncio.sleep(seconds)
+    running = False
+    await asyncio.gather(*tasks)
+    mark("end")
+    for c in channels:
+        await c.close()
+    return results, errors
+
+
+def _thread_clients(address, request, clients, seconds, mark):
+    import grpc
+    from tensorflow_serving.apis import prediction_service_pb2_grpc
+
     channels = [grpc.insecure_channel(address) for _ in range(min(clients, 4))]
     stubs = [prediction_service_pb2_grpc.PredictionServiceStub(c) for c in channels]
     for s in stubs:
@@ -147,28 +218,15 @@ def bench_grpc(address, name, examples, batch, clients, seconds, server_pid=None
     for t in threads:
         t.start()
     barrier.wait()
-    start = time.perf_counter()
-    cpu_start = process_cpu_seconds(server_pid) if server_pid else None
-    own_start = sum(os.times()[:2])
+    mark("start")
     time.sleep(seconds)
     stop.set()
     for t in threads:
         t.join(120)
-    elapsed = time.perf_counter() - start
-    cpu = process_cpu_seconds(server_pid) - cpu_start if server_pid else None
-    own = sum(os.times()[:2]) - own_start
+    mark("end")
     for c in channels:
         c.close()
-    latencies = [x for r in results for x in r]
-    out = summarize(latencies, batch * len(latencies), elapsed)
-    out["errors"] = len(errors)
-    # CPU per request (ms): the server process's, and this (client) process's; the few requests still in
-    # flight when the clock stops are counted in the CPU but not in the requests (a slight overestimate).
-    requests = max(len(latencies), 1)
-    if cpu is not None:
-        out["server_cpu_ms"] = cpu / requests * 1e3
-    out["client_cpu_ms"] = own / requests * 1e3
-    return out
+    return results, errors
 
 
 def main(argv=None) -> int:
@@ -177,6 +235,8 @@ def main(argv=None) -> int:
     parser.add_argument("--seconds", type=float, default=3.0, help="measuring time per cell")
     parser.add_argument("--batch-timeout-micros", type=int, default=2000)
     parser.add_argument("--max-batch-size", type=int, default=256)
+    parser.add_argument("--client", choices=["aio", "threads"], default="aio",
+                        help="gRPC clients as coroutines on one asyncio loop (default) or one thread each")
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args(argv)
 
@@ -215,7 +275,7 @@ def main(argv=None) -> int:
                     for batch, clients in ((1, 1), (32, 1), (256, 1), (1, 8), (1, 32)):
                         rows.append((mode, batch, clients, export,
                                      bench_grpc(address, export, examples, batch, clients, args.seconds,
-                                                server_pid=process.pid)))
+                                                server_pid=process.pid, client=args.client)))
                         print(".", end="", flush=True)
                 finally:
                     process.terminate()

@@ -12,9 +12,10 @@ One bad request must not fail its batch-mates: if a merged call fails with
 INVALID_ARGUMENT (e.g. one malformed tf.Example), each request of the batch
 is rerun on its own, so only the faulty one gets the error.
 
-A request of `max_batch_size` examples or more runs on its own, on the
-calling thread: it is already a full batch, nothing could merge with it, and
-splitting a larger one would only add copies.
+A request of `max_batch_size` examples or more runs on its own, outside the
+queue (`run` calls the model on the calling thread; the server sends such a
+request to its executor instead of `submit`): it is already a full batch,
+nothing could merge with it, and splitting a larger one would only add copies.
 
 `allowed_batch_sizes` (TF Serving's rule): every batch taken from the queue
 is padded up to the smallest allowed size that holds it, repeating its last
@@ -71,6 +72,16 @@ class Batcher:
         """Blocking call: returns this request's rows of the merged batch's outputs."""
         if size >= self._params.max_batch_size:
             return self._run(inputs)  # a full batch on its own: nothing can merge with it
+        return self.submit(inputs, size).result()
+
+    def submit(self, inputs: Dict[str, np.ndarray], size: int) -> Future:
+        """Queue a request of `size` < max_batch_size examples; the future gets its rows of the batch's outputs.
+
+        Never blocks (the asyncio server awaits the future on its event loop).  Cancelling the future before a
+        batch thread takes the request drops it from the batch.
+        """
+        if size >= self._params.max_batch_size:
+            raise ValueError(f"a request of {size} examples is a full batch on its own; call run()")
         task = _Task(inputs, size)
         p = self._params
         with self._cond:
@@ -92,7 +103,7 @@ class Batcher:
                 self._cond.notify_all()
             elif was_empty:
                 self._cond.notify()
-        return task.future.result()
+        return task.future
 
     def stop(self) -> None:
         """Finish everything queued, then end the threads."""
@@ -120,12 +131,16 @@ class Batcher:
                     if left <= 0:
                         break
                     self._cond.wait(left)
-                batch, total = [], 0
+                batch, total, taken = [], 0, 0
                 while self._queue and total + self._queue[0].size <= p.max_batch_size:
                     task = self._queue.popleft()
-                    batch.append(task)
-                    total += task.size
-                self._queued_examples -= total
+                    taken += task.size
+                    # False when its client gave up (cancelled) while it waited: it leaves the batch.  Once
+                    # running, the future can no longer be cancelled, so setting its result cannot fail.
+                    if task.future.set_running_or_notify_cancel():
+                        batch.append(task)
+                        total += task.size
+                self._queued_examples -= taken
                 if self._queue:
                     self._cond.notify()  # another batch thread can start on the rest
                 if batch:

@@ -29,7 +29,11 @@ def add_commands(subparsers) -> None:
                        help="largest batch one request may carry (bigger: RESOURCE_EXHAUSTED)")
     serve.add_argument("--ssl-cert", metavar="PEM", help="server certificate (with --ssl-key: TLS)")
     serve.add_argument("--ssl-key", metavar="PEM", help="server private key")
-    serve.add_argument("--grpc-threads", type=int, default=64)
+    serve.add_argument("--grpc-threads", type=int, default=16,
+                       help="threads that run model calls which do not go through a batcher (requests themselves "
+                            "are served by one asyncio event loop)")
+    serve.add_argument("--max-concurrent-rpcs", type=int, default=1024,
+                       help="RPCs in flight at once; more get RESOURCE_EXHAUSTED")
     serve.add_argument("--drain-seconds", type=float, default=10.0,
                        help="on SIGTERM, how long in-flight requests may take to finish")
     ab = serve.add_argument_group("A/B traffic split and prediction logging (serving/README.md)")
@@ -87,8 +91,9 @@ def build_server(args):
     batching = load_batching_parameters(args.batching_parameters_file)
     if batching is None and args.enable_batching:
         batching = BatchingParameters()
-    if args.max_request_batch < 1:
-        raise ValueError(f"--max-request-batch must be >= 1, got {args.max_request_batch}")
+    for flag in ("max_request_batch", "grpc_threads", "max_concurrent_rpcs"):
+        if getattr(args, flag) < 1:
+            raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
     if not 0 <= args.port <= 65535:
         raise ValueError(f"--port must be in 0..65535, got {args.port}")
     cert = key = None
@@ -100,7 +105,7 @@ def build_server(args):
     manager = ModelManager(entries, batching=batching, max_batch=args.max_request_batch,
                            poll_seconds=args.file_system_poll_wait_seconds, config_path=args.model_config_file)
     return Server(manager, host=args.host, port=args.port, certificate=cert, private_key=key,
-                  max_workers=args.grpc_threads, split=split, prediction_logger=prediction_logger)
+                  max_workers=args.grpc_threads, max_concurrent_rpcs=args.max_concurrent_rpcs, split=split, prediction_logger=prediction_logger)
 
 
 def _ab_options(args, entries):

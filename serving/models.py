@@ -23,6 +23,7 @@ import os
 import threading
 import time
 import warnings
+from concurrent.futures import Executor, Future
 from typing import Dict, List, Optional, Tuple
 
 import grpc
@@ -40,6 +41,11 @@ STATE_NAMES = {START: "START", LOADING: "LOADING", AVAILABLE: "AVAILABLE", UNLOA
 
 WARMUP_FILE = os.path.join("assets.extra", "tf_serving_warmup_requests")
 EXPORT_INFO = os.path.join("assets.extra", "mmoe_export.json")
+
+
+def select_outputs(outputs: Dict[str, np.ndarray], output_filter: Optional[List[str]]) -> Dict[str, np.ndarray]:
+    """The outputs `output_filter` names (all of them when it is empty), in its order."""
+    return {k: outputs[k] for k in output_filter} if output_filter else outputs
 
 
 def _first_line(message: str) -> str:
@@ -223,20 +229,32 @@ class Servable:
         except tf.errors.OpError as err:
             raise ServingError(grpc.StatusCode.INTERNAL, _first_line(err.message)) from None
 
-    def run(self, signature_key: str, inputs: Dict[str, np.ndarray],
-            output_filter: Optional[List[str]] = None) -> Tuple[Signature, Dict[str, np.ndarray]]:
+    def prepare(self, signature_key: str, inputs: Dict[str, np.ndarray],
+                output_filter: Optional[List[str]] = None) -> Tuple[Signature, int]:
+        """The signature a request names and its batch size, after checking inputs and output_filter."""
         sig = self.signature(signature_key)
         if output_filter:
             unknown = sorted(set(output_filter) - set(sig.outputs))
             if unknown:
                 raise invalid(f"output_filter names unknown output(s) {unknown}; signature {sig.name!r} "
                               f"has {sorted(sig.outputs)}")
-        size = sig.validate(inputs, self.max_batch)
+        return sig, sig.validate(inputs, self.max_batch)
+
+    def submit(self, sig: Signature, inputs: Dict[str, np.ndarray], size: int, executor: Executor) -> Future:
+        """Start a prepared call without blocking: queued on the signature's batcher when it has one and the
+        request is smaller than a batch, else run on `executor`.  The future holds all outputs."""
+        batcher = self._batchers.get(sig.name)
+        if batcher is not None and size < batcher.max_batch_size:
+            return batcher.submit(inputs, size)
+        return executor.submit(self._call, sig, inputs)
+
+    def run(self, signature_key: str, inputs: Dict[str, np.ndarray],
+            output_filter: Optional[List[str]] = None) -> Tuple[Signature, Dict[str, np.ndarray]]:
+        """Blocking call on this thread (or through the batcher): (signature, outputs after output_filter)."""
+        sig, size = self.prepare(signature_key, inputs, output_filter)
         batcher = self._batchers.get(sig.name)
         outputs = batcher.run(inputs, size) if batcher is not None else self._call(sig, inputs)
-        if output_filter:
-            outputs = {k: outputs[k] for k in output_filter}
-        return sig, outputs
+        return sig, select_outputs(outputs, output_filter)
 
     def warmup(self) -> int:
         """Replays assets.extra/tf_serving_warmup_requests (TF Serving's format); returns how many ran."""

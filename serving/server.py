@@ -6,6 +6,10 @@ Regress, GetModelMetadata) and `tensorflow.serving.ModelService`
 tensorflow-serving-api, so TF Serving's own `PredictionServiceStub` works
 unchanged, plus the standard `grpc.health.v1.Health` service.
 
+The server is `grpc.aio`: handlers are coroutines on one event loop, and a
+model call is awaited (a future completed by a batch thread, or by the model
+thread pool), so a waiting request costs no thread.
+
 Every handler turns problems into a gRPC status with a message naming the
 problem (see `serving.tensors.ServingError`); an unexpected exception becomes
 INTERNAL and is logged, never a crash.
@@ -24,6 +28,7 @@ off the request path.
 """
 from __future__ import annotations
 
+import asyncio
 import logging
 import signal
 import threading
@@ -33,13 +38,14 @@ from typing import Optional
 
 import grpc
 import numpy as np
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
 from tensorflow_serving.apis import (classification_pb2, get_model_metadata_pb2, get_model_status_pb2,
                                      model_service_pb2_grpc, predict_pb2, prediction_service_pb2_grpc,
                                      regression_pb2)
 
 from serving.ab.split import ARM_METADATA
-from serving.models import ModelManager, Servable
+from serving.models import ModelManager, Servable, select_outputs
 from serving.tensors import ServingError, invalid, to_numpy, to_proto
 
 log = logging.getLogger("mmoe.serving")
@@ -47,6 +53,7 @@ log = logging.getLogger("mmoe.serving")
 PREDICTION_SERVICE = "tensorflow.serving.PredictionService"
 MODEL_SERVICE = "tensorflow.serving.ModelService"
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+DEFAULT_MAX_CONCURRENT_RPCS = 1024
 # Caps the values one request may hold before anything is allocated (see tensors.to_numpy).
 MAX_VALUES_PER_INPUT = 1 << 24
 
@@ -63,23 +70,27 @@ def _fill_spec(out_spec, servable: Servable, signature_name: Optional[str]):
 
 
 def _handle(fn):
-    """Runs a handler; ServingError -> its status, anything else -> INTERNAL (logged)."""
-    def wrapper(self, request, context):
+    """Runs an async handler; ServingError -> its status, anything else -> INTERNAL (logged)."""
+    async def wrapper(self, request, context):
         try:
-            return fn(self, request, context)
+            return await fn(self, request, context)
         except ServingError as err:
-            context.abort(err.code, err.message)
+            await context.abort(err.code, err.message)
         except Exception as err:  # the server must survive any request
             log.exception("%s failed", fn.__name__)
-            context.abort(grpc.StatusCode.INTERNAL, f"{type(err).__name__}: {err}")
+            await context.abort(grpc.StatusCode.INTERNAL, f"{type(err).__name__}: {err}")
     wrapper.__name__ = fn.__name__
     wrapper.__doc__ = fn.__doc__
     return wrapper
 
 
 class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
-    def __init__(self, manager: ModelManager, split=None, prediction_logger=None):
+    """Handlers are coroutines on the server's event loop: decoding, routing and encoding run there, and a
+    model call is awaited, never waited for by a thread (see `_run`)."""
+
+    def __init__(self, manager: ModelManager, executor: futures.Executor, split=None, prediction_logger=None):
         self.manager = manager
+        self.executor = executor  # runs model calls that do not go through a batcher
         self.split = split                          # serving.ab.split.TrafficSplit or None
         self.prediction_logger = prediction_logger  # serving.ab.prediction_log.PredictionLogger or None
 
@@ -96,6 +107,16 @@ class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
             return None
         return self.split.route(model_spec, inputs, context.invocation_metadata() or ())
 
+    async def _run(self, servable: Servable, signature_key: str, inputs, output_filter=None):
+        """(signature, outputs) of one call, awaited: queued on the batcher, or run on the executor.
+
+        Awaiting keeps the event loop free while the model runs, so one loop thread serves every client; a
+        synchronous handler would hold a thread per waiting request, and with 32 clients the thread switches
+        alone capped requests/s (see BENCHMARKS.md, Serving)."""
+        sig, size = servable.prepare(signature_key, inputs, output_filter)
+        outputs = await asyncio.wrap_future(servable.submit(sig, inputs, size, self.executor))
+        return sig, select_outputs(outputs, output_filter)
+
     def _finish(self, kind: str, request, response, route, started: float, context) -> None:
         """Name the arm in the trailing metadata and log the call (sampled, never blocking)."""
         arm = route.arm if route is not None else ""
@@ -105,7 +126,7 @@ class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
             self.prediction_logger.log(kind, request, response, arm, started)
 
     @_handle
-    def Predict(self, request, context):
+    async def Predict(self, request, context):
         """Runs a signature (default serving_default) on the request's named input tensors."""
         started = time.time()
         inputs = {}
@@ -118,7 +139,8 @@ class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
             if self.split is not None:
                 inputs = self.split.model_inputs(request.model_spec.name, inputs,
                                                  servable.signature(request.model_spec.signature_name).inputs)
-            sig, outputs = servable.run(request.model_spec.signature_name, inputs, list(request.output_filter))
+            sig, outputs = await self._run(servable, request.model_spec.signature_name, inputs,
+                                           list(request.output_filter))
             response = predict_pb2.PredictResponse()
             _fill_spec(response.model_spec, servable, sig.name)
         for name, value in outputs.items():
@@ -170,14 +192,14 @@ class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
         return signature_name
 
     @_handle
-    def Classify(self, request, context):
+    async def Classify(self, request, context):
         """Scores tf.Examples with one binary head: classes "0" and "1"."""
         started = time.time()
         examples = self._examples(request.input)
         route = self._route(request.model_spec, {"examples": examples}, context)
         with self._resolve(request.model_spec, route) as servable:
             head = self._head(servable, request.model_spec.signature_name, "binary")
-            _, outputs = servable.run("serving_default", {"examples": examples}, [head])
+            _, outputs = await self._run(servable, "serving_default", {"examples": examples}, [head])
             response = classification_pb2.ClassificationResponse()
             _fill_spec(response.model_spec, servable, head)
         for p in outputs[head].astype(float):
@@ -188,14 +210,14 @@ class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
         return response
 
     @_handle
-    def Regress(self, request, context):
+    async def Regress(self, request, context):
         """Scores tf.Examples with one head (the probability for a binary head)."""
         started = time.time()
         examples = self._examples(request.input)
         route = self._route(request.model_spec, {"examples": examples}, context)
         with self._resolve(request.model_spec, route) as servable:
             head = self._head(servable, request.model_spec.signature_name, None)
-            _, outputs = servable.run("serving_default", {"examples": examples}, [head])
+            _, outputs = await self._run(servable, "serving_default", {"examples": examples}, [head])
             response = regression_pb2.RegressionResponse()
             _fill_spec(response.model_spec, servable, head)
         for value in outputs[head].astype(float):
@@ -204,7 +226,7 @@ class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
         return response
 
     @_handle
-    def GetModelMetadata(self, request, context):
+    async def GetModelMetadata(self, request, context):
         """Signature defs of one version (metadata_field must be ["signature_def"], as in TF Serving)."""
         fields = list(request.metadata_field)
         if fields != ["signature_def"]:
@@ -224,7 +246,7 @@ class ModelService(model_service_pb2_grpc.ModelServiceServicer):
         self.manager = manager
 
     @_handle
-    def GetModelStatus(self, request, context):
+    async def GetModelStatus(self, request, context):
         """State of every version of a model (or of one version/label), with load errors."""
         spec = request.model_spec
         if not spec.name:
@@ -237,58 +259,90 @@ class ModelService(model_service_pb2_grpc.ModelServiceServicer):
         return response
 
     @_handle
-    def HandleReloadConfigRequest(self, request, context):
+    async def HandleReloadConfigRequest(self, request, context):
         raise ServingError(grpc.StatusCode.UNIMPLEMENTED,
                            "reload the config by editing --model-config-file; the server polls it")
 
 
 class Server:
-    """The gRPC server, its model manager and its health service.
+    """The gRPC server (`grpc.aio`), its model manager and its health service.
 
-    `start()` loads the models (first poll) and starts serving; `stop(grace)`
-    refuses new RPCs, lets in-flight ones finish within `grace` seconds, then
-    stops polling and batching and closes the prediction log.  `split` (a
-    checked `TrafficSplit`) and `prediction_logger` are optional.
+    The server runs on an asyncio event loop in a thread of its own, so the
+    API stays synchronous: `start()` loads the models (first poll) and starts
+    serving; `stop(grace)` refuses new RPCs, lets in-flight ones finish within
+    `grace` seconds, then stops polling and batching and closes the prediction
+    log; `wait()` blocks until then.  Model calls that do not go through a
+    batcher run on a pool of `max_workers` threads.  Beyond
+    `max_concurrent_rpcs` RPCs in flight, new ones get RESOURCE_EXHAUSTED
+    (waiting requests cost no thread, so this bounds memory, not threads).
+    `split` (a checked
+    `TrafficSplit`) and `prediction_logger` are optional.
     """
 
     def __init__(self, manager: ModelManager, *, host: str = "127.0.0.1", port: int = 8500,
                  certificate: Optional[bytes] = None, private_key: Optional[bytes] = None,
-                 max_workers: int = 64, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
-                 split=None, prediction_logger=None):
+                 max_workers: int = 16, max_concurrent_rpcs: int = DEFAULT_MAX_CONCURRENT_RPCS,
+                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, split=None, prediction_logger=None):
         if (certificate is None) != (private_key is None):
             raise ValueError("TLS needs both a certificate and a private key")
+        if max_workers < 1 or max_concurrent_rpcs < 1:
+            raise ValueError(f"max_workers and max_concurrent_rpcs must be >= 1, got {max_workers} and "
+                             f"{max_concurrent_rpcs}")
         self.manager = manager
         self.prediction_logger = prediction_logger
+        self.host = host
+        self._executor = futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="model")
+        self._loop = asyncio.new_event_loop()
+        self._loop_thread = threading.Thread(target=self._loop.run_forever, name="grpc-aio", daemon=True)
+        self._loop_thread.start()
+        self._stopped = threading.Event()
+        self._done = threading.Event()
+        services = PredictionService(manager, self._executor, split=split, prediction_logger=prediction_logger)
+        try:
+            self.port = self._on_loop(self._bind(services, f"{host}:{port}", certificate, private_key,
+                                                 max_message_bytes, max_concurrent_rpcs))
+        except BaseException:
+            self._close_loop()
+            raise
+
+    async def _bind(self, services, address, certificate, private_key, max_message_bytes, max_rpcs) -> int:
+        # Created on the loop's own thread: grpc.aio binds the server to the running loop.
         options = [("grpc.max_receive_message_length", max_message_bytes),
                    ("grpc.max_send_message_length", max_message_bytes),
                    ("grpc.so_reuseport", 0)]
-        self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="grpc"),
-                                   options=options, maximum_concurrent_rpcs=max_workers * 4)
-        prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(
-            PredictionService(manager, split=split, prediction_logger=prediction_logger), self._server)
-        model_service_pb2_grpc.add_ModelServiceServicer_to_server(ModelService(manager), self._server)
-        self.health = health.HealthServicer(experimental_non_blocking=True)
+        self._server = grpc.aio.server(options=options, maximum_concurrent_rpcs=max_rpcs)
+        prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(services, self._server)
+        model_service_pb2_grpc.add_ModelServiceServicer_to_server(ModelService(self.manager), self._server)
+        self.health = HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
-        address = f"{host}:{port}"
-        if certificate is not None:
-            creds = grpc.ssl_server_credentials([(private_key, certificate)])
-            self.port = self._server.add_secure_port(address, creds)
-        else:
-            self.port = self._server.add_insecure_port(address)
-        if self.port == 0:
+        try:
+            if certificate is not None:
+                creds = grpc.ssl_server_credentials([(private_key, certificate)])
+                bound = self._server.add_secure_port(address, creds)
+            else:
+                bound = self._server.add_insecure_port(address)
+        except RuntimeError as err:  # grpc.aio raises where the synchronous server returned 0
+            raise OSError(f"cannot bind {address}: {err}") from None
+        if bound == 0:
             raise OSError(f"cannot bind {address}")
-        self.host = host
-        self._stopped = threading.Event()
-        self._done = threading.Event()
+        return bound
 
-    def _set_health(self, serving: bool) -> None:
+    def _on_loop(self, coroutine, timeout: Optional[float] = None):
+        """Run a coroutine on the server's loop and wait for its result (from any other thread)."""
+        return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result(timeout)
+
+    async def _set_health_async(self, serving: bool) -> None:
         status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
         for service in ("", PREDICTION_SERVICE, MODEL_SERVICE):
-            self.health.set(service, status)
+            await self.health.set(service, status)
+
+    def _set_health(self, serving: bool) -> None:
+        if not self._loop.is_closed():
+            self._on_loop(self._set_health_async(serving), timeout=30)
 
     def start(self) -> "Server":
         self._set_health(False)
-        self._server.start()
+        self._on_loop(self._server.start())
         # SERVING once every configured model has an available version, NOT_SERVING while one has none.
         self.manager.on_poll = lambda: None if self._stopped.is_set() else self._set_health(self.manager.ready())
         self.manager.start()
@@ -299,17 +353,22 @@ class Server:
             return
         self._stopped.set()
         self._set_health(False)
-        # stop() refuses new RPCs at once and waits for in-flight ones up to `grace`.
-        self._server.stop(grace).wait()
+        # stop() refuses new RPCs at once and waits for in-flight ones up to `grace`, then cancels them.
+        self._on_loop(self._server.stop(grace))
         self.manager.stop()
+        self._executor.shutdown(wait=True)
         if self.prediction_logger is not None:
             self.prediction_logger.close()
+        self._close_loop()
         self._done.set()
+
+    def _close_loop(self) -> None:
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._loop_thread.join(30)
+        self._loop.close()
 
     def wait(self) -> None:
         """Blocks until stop() has drained the requests and stopped the model manager."""
-        self._server.wait_for_termination()
-        self._stopped.wait()
         self._done.wait()
 
     def install_signal_handlers(self, grace: float = 10.0) -> None:

@@ -416,6 +416,85 @@ def test_batching_on_and_off_give_identical_results(stub, batching_server, examp
             np.testing.assert_allclose(got[key], want[key], atol=1e-6)
 
 
+def _concurrently(fn, count):
+    """fn(i) for i in range(count), each on its own thread; returns the results (or raised errors) in order."""
+    results = [None] * count
+
+    def run(i):
+        try:
+            results[i] = fn(i)
+        except Exception as err:  # noqa: BLE001 - the caller asserts on it
+            results[i] = err
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(count)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    return results
+
+
+def test_waiting_requests_hold_no_thread(model_root, examples, stub):
+    """32 requests wait in the batch queue at once on a server with ONE model thread: they merge into a batch.
+
+    A server that held a thread per waiting request (the synchronous gRPC server) would run them one at a
+    time through that thread, one batch timeout each."""
+    params = BatchingParameters(max_batch_size=64, batch_timeout_micros=300_000, max_enqueued_batches=10,
+                                num_batch_threads=1)
+    srv = Server(ModelManager([ModelEntry("plain", str(model_root / "plain"))], batching=params,
+                              max_batch=MAX_REQUEST_BATCH, poll_seconds=3600), port=0, max_workers=1).start()
+    try:
+        with srv.manager.use("plain") as servable:
+            batcher = servable._batchers["serving_default"]
+            batch_sizes = []
+            run = batcher._run
+            batcher._run = lambda inputs: batch_sizes.append(len(inputs["examples"])) or run(inputs)
+        with grpc.insecure_channel(f"127.0.0.1:{srv.port}") as ch:
+            batched = prediction_service_pb2_grpc.PredictionServiceStub(ch)
+            started = time.monotonic()
+            got = _concurrently(lambda i: outputs_of(batched.Predict(
+                predict_request("plain", examples_input(examples[i:i + 1])), timeout=60)), 32)
+            elapsed = time.monotonic() - started
+    finally:
+        srv.stop(1)
+    for i, out in enumerate(got):
+        assert isinstance(out, dict), out
+        want = outputs_of(stub.Predict(predict_request("plain", examples_input(examples[i:i + 1]))))
+        np.testing.assert_allclose(out["income"], want["income"], atol=1e-6)
+    assert sum(batch_sizes) == 32 and len(batch_sizes) <= 4, batch_sizes
+    assert elapsed < 32 * 0.3 / 2, elapsed
+
+
+def test_a_request_that_gives_up_leaves_its_batch(model_root, examples, stub):
+    """A client whose deadline passes while its request waits in the batch queue gets DEADLINE_EXCEEDED; its
+    batch-mates are answered, without its row, and the server goes on serving."""
+    params = BatchingParameters(max_batch_size=64, batch_timeout_micros=1_500_000, max_enqueued_batches=10,
+                                num_batch_threads=1)
+    srv = Server(ModelManager([ModelEntry("plain", str(model_root / "plain"))], batching=params,
+                              max_batch=MAX_REQUEST_BATCH, poll_seconds=3600), port=0).start()
+    try:
+        with srv.manager.use("plain") as servable:
+            batcher = servable._batchers["serving_default"]
+            batch_sizes = []
+            run = batcher._run
+            batcher._run = lambda inputs: batch_sizes.append(len(inputs["examples"])) or run(inputs)
+        with grpc.insecure_channel(f"127.0.0.1:{srv.port}") as ch:
+            batched = prediction_service_pb2_grpc.PredictionServiceStub(ch)
+            # Request 0 gives up after 0.2 s; requests 1-4 (two examples each) wait for the 1.5 s timeout.
+            got = _concurrently(lambda i: outputs_of(batched.Predict(
+                predict_request("plain", examples_input(examples[2 * i:2 * i + 2])),
+                timeout=0.2 if i == 0 else 60)), 5)
+            assert isinstance(got[0], grpc.RpcError) and got[0].code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            after = outputs_of(batched.Predict(predict_request("plain", examples_input(examples[:3])), timeout=60))
+    finally:
+        srv.stop(1)
+    for i in range(1, 5):
+        want = outputs_of(stub.Predict(predict_request("plain", examples_input(examples[2 * i:2 * i + 2]))))
+        np.testing.assert_allclose(got[i]["income"], want["income"], atol=1e-6)
+    assert after["income"].shape == (3,)
+    assert batch_sizes[0] == 8, batch_sizes  # 4 requests x 2 examples: the cancelled one's rows are not run
+
+
 def test_batching_parameters_text_format():
     from serving.config import parse_batching_parameters
 

@@ -146,6 +146,9 @@ def test_serve_process_predict_cli_and_sigterm_drain(exports, base_path, tmp_pat
     (["serve", "--model-config-file", "/no/such.config"], "no such file"),
     (["serve", "--model-base-path", ".", "--model-name", "m", "--ssl-cert", "x.pem"], "needs both --ssl-cert"),
     (["serve", "--model-base-path", ".", "--model-name", "m", "--max-request-batch", "0"], "must be >= 1"),
+    (["serve", "--model-base-path", ".", "--model-name", "m", "--grpc-threads", "0"], "--grpc-threads must be >= 1"),
+    (["serve", "--model-base-path", ".", "--model-name", "m", "--max-concurrent-rpcs", "0"],
+     "--max-concurrent-rpcs must be >= 1"),
 ])
 def test_serve_argument_errors(argv, message, capsys):
     assert main(argv) == 2

@@ -288,6 +288,27 @@ def test_a_full_batch_runs_on_the_calling_thread():
         batcher.stop()
 
 
+def test_a_cancelled_request_leaves_the_queue_and_submit_refuses_a_full_batch():
+    seen = []
+
+    def run(inputs):
+        seen.append(inputs["x"].tolist())
+        return {"y": inputs["x"] * 10.0}
+
+    batcher = Batcher(run, BatchingParameters(max_batch_size=8, batch_timeout_micros=300_000))
+    try:
+        futures = [batcher.submit({"x": np.array([float(i)], np.float32)}, 1) for i in range(3)]
+        assert futures[1].cancel()  # still queued: cancelling works
+        assert futures[0].result(30)["y"].tolist() == [0.0]
+        assert futures[2].result(30)["y"].tolist() == [20.0]
+        assert seen == [[0.0, 2.0]]
+        assert batcher._queued_examples == 0
+        with pytest.raises(ValueError, match="full batch"):
+            batcher.submit({"x": np.zeros(8, np.float32)}, 8)
+    finally:
+        batcher.stop()
+
+
 # -- output encoding ----------------------------------------------------------------------------------------------
 
 

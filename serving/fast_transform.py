@@ -11,8 +11,8 @@ serving batch sizes that graph, not the model, was most of the latency.
 matrices:
 
 * all categorical features: one [batch, C] string matrix, stripped once,
-  prefixed with the feature's token prefix and looked up in ONE hash table
-  (feature-prefixed keys -> vocabulary id); unknown values get
+  hashed to int64 keys offset per feature and looked up in ONE hash table
+  (key -> vocabulary id; see `_int_keys`); unknown values get
   vocabulary size + hash(value) % oov_buckets, one hash op per distinct
   `oov_buckets` (none when it is 1, where the hash is always 0);
 * hashed features: one hash op per distinct `hash_buckets`;
@@ -167,9 +167,10 @@ class FusedTransform(tf.Module):
         self._string_names = [f.name for f in strings]
         self._strip_period = tf.constant([spec.strip_trailing_period and f.name == last_column for f in strings])
         self._any_strip_period = spec.strip_trailing_period and last_column in self._string_names
-        self._prefixes = tf.constant([f"{i:0{_PREFIX_WIDTH}d}{_TOKEN_SEPARATOR}" for i in range(len(categorical))],
-                                     tf.string)
         self._num_categorical = len(categorical)
+        # Integer keys (see _int_keys): each categorical feature owns the key range [i << bits, (i + 1) << bits).
+        self._key_bits = 63 - max(1, len(categorical).bit_length())
+        self._key_offsets = tf.constant([i << self._key_bits for i in range(len(categorical))], tf.int64)
         self._oov_groups = _group_by([f.oov_buckets for f in categorical])
         self._hash_groups = _group_by([f.hash_buckets for f in hashed])
         vocab_sizes = []
@@ -180,7 +181,8 @@ class FusedTransform(tf.Module):
         keys, ids = self._vocabulary(tokens, categorical, vocab_sizes, tft_layer)
         if keys:
             self._table = tf.lookup.StaticHashTable(
-                tf.lookup.KeyValueTensorInitializer(tf.constant(keys, tf.string), tf.constant(ids, tf.int64)),
+                tf.lookup.KeyValueTensorInitializer(tf.constant(self._int_keys(keys), tf.int64),
+                                                    tf.constant(ids, tf.int64)),
                 default_value=-1)
         else:
             self._table = None
@@ -212,6 +214,28 @@ class FusedTransform(tf.Module):
                 values = numeric_rows.get(name) or [0.0]
                 raw[name] = tf.constant([values[i % len(values)] for i in range(rows)], tf.float32)
         return raw
+
+    def _int_keys(self, tokens: List[bytes]) -> np.ndarray:
+        """The table key of each '<feature index><US><value>' token: value fingerprint | feature range.
+
+        Why integers: looking up feature-prefixed strings meant building a [batch, C] matrix of prefix + value
+        strings per call (string concatenation is the costliest op of the fused transform at batch 256);
+        hashing the values and adding the feature's offset is two cheap ops.  The key is
+        `to_hash_bucket_fast(value, 2**bits)` (FarmHash Fingerprint64 modulo 2**bits; bits = 63 minus the bit
+        length of the feature count, 58 for 16-31 categorical features) plus `index << bits`, so features never share a key.  Two vocabulary values of one feature
+        with one key would be looked up wrongly, so that raises FusedTransformError (the export then keeps the
+        tf.Transform graph); an unseen value lands on a vocabulary key only if its 58-bit fingerprint equals
+        one of that feature's vocabulary values' (< 1e-14 for vocabularies of a thousand values).
+        """
+        index = np.array([int(t[:_PREFIX_WIDTH]) for t in tokens], np.int64)
+        values = tf.constant([t[_PREFIX_WIDTH + 1:] for t in tokens], tf.string)
+        keys = tf.strings.to_hash_bucket_fast(values, 1 << self._key_bits).numpy() + (index << self._key_bits)
+        if len(np.unique(keys)) != len(keys):
+            _, first, counts = np.unique(keys, return_index=True, return_counts=True)
+            clash = tokens[int(first[np.argmax(counts > 1)])]
+            raise FusedTransformError(f"vocabulary value {clash!r} shares its {self._key_bits}-bit fingerprint "
+                                      f"with another value of its feature")
+        return keys
 
     def _vocabulary(self, tokens: np.ndarray, categorical, vocab_sizes, tft_layer) -> Tuple[List[bytes], List[int]]:
         """The (token, id) pairs of every kept vocabulary entry, ids from the tf.Transform layer itself."""
@@ -308,7 +332,9 @@ class FusedTransform(tf.Module):
             c = self._num_categorical
             if c:
                 values = s[:, :c]
-                found = self._table.lookup(self._prefixes + values)  # one lookup for every categorical feature
+                # One hash and one lookup for every categorical feature (_int_keys).
+                found = self._table.lookup(tf.strings.to_hash_bucket_fast(values, 1 << self._key_bits) +
+                                           self._key_offsets)
                 oov = tf.broadcast_to(self._vocab_sizes, tf.shape(found))
                 if any(n > 1 for n, _ in self._oov_groups):
                     oov = oov + self._hashes(values, self._oov_groups)

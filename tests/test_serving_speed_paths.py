@@ -104,6 +104,28 @@ def test_fused_transform_check_catches_a_difference(exports):
         fused.check(layer)
 
 
+def test_fused_transform_vocabulary_keys_are_per_feature_and_collisions_refused(exports):
+    import tensorflow_transform as tft
+
+    from serving.fast_transform import FusedTransform, FusedTransformError
+
+    tft_output = tft.TFTransformOutput(exports.transform_dir)
+    fused = FusedTransform(exports.spec, tft_output, tft_output.transform_features_layer())
+    from features.transform import _PREFIX_WIDTH, _TOKEN_SEPARATOR
+
+    def token(index, value):
+        return f"{index:0{_PREFIX_WIDTH}d}{_TOKEN_SEPARATOR}{value}".encode()
+
+    # The same value in two features gets two keys, each in its own feature's range.
+    keys = fused._int_keys([token(0, "same"), token(1, "same"), token(1, "other")])
+    assert len(set(keys.tolist())) == 3
+    assert (keys >> fused._key_bits).tolist() == [0, 1, 1]
+    # With 1-bit fingerprints, three values of one feature cannot all have distinct keys.
+    fused._key_bits = 1
+    with pytest.raises(FusedTransformError, match="shares its 1-bit fingerprint"):
+        fused._int_keys([token(0, "a"), token(0, "b"), token(0, "c")])
+
+
 # -- allowed_batch_sizes ------------------------------------------------------------------------------------
 
 

@@ -90,6 +90,11 @@ class Signature:
 
         self._constant = tf.constant
         self._dtypes = {k: spec.dtype for k, spec in self.inputs.items()}
+        # What validate() checks, as plain Python values: TensorShape.is_compatible_with and dtype conversions
+        # cost ~20 us per request, a tenth of the server's Python work for a batch-1 request.
+        self._checks = {k: (np.dtype(object) if spec.dtype == tf.string else np.dtype(spec.dtype.as_numpy_dtype),
+                            None if spec.shape.rank is None else tuple(spec.shape.as_list()))
+                        for k, spec in self.inputs.items()}
         self._flat = self._bind_flat_call(fn)
         self.fast_call = self._flat is not None
 
@@ -138,21 +143,19 @@ class Signature:
         if unknown:
             raise invalid(f"signature {self.name!r}: unknown input(s) {unknown}; it takes {sorted(self.inputs)}")
         sizes = set()
-        for name, spec in self.inputs.items():
+        for name, (dtype, dims) in self._checks.items():
             value = inputs[name]
-            want = spec.dtype
-            if want.name == "string":
-                ok = value.dtype == object
-            else:
-                ok = value.dtype == np.dtype(want.as_numpy_dtype)
-            if not ok:
+            if value.dtype != dtype:
                 got = "DT_STRING" if value.dtype == object else f"DT_{value.dtype.name.upper()}"
-                raise invalid(f"signature {self.name!r}: input {name!r} must be DT_{want.name.upper()}, got {got}")
-            if not spec.shape.is_compatible_with(value.shape):
-                raise invalid(f"signature {self.name!r}: input {name!r} has shape {list(value.shape)}, "
-                              f"expected {spec.shape.as_list()} (None = any size)")
-            if value.ndim:
-                sizes.add(value.shape[0])
+                raise invalid(f"signature {self.name!r}: input {name!r} must be "
+                              f"DT_{self._dtypes[name].name.upper()}, got {got}")
+            shape = value.shape
+            if dims is not None and (len(shape) != len(dims) or
+                                     any(d is not None and d != n for d, n in zip(dims, shape))):
+                raise invalid(f"signature {self.name!r}: input {name!r} has shape {list(shape)}, "
+                              f"expected {list(dims)} (None = any size)")
+            if shape:
+                sizes.add(shape[0])
         if len(sizes) > 1:
             raise invalid(f"signature {self.name!r}: inputs have different batch sizes {sorted(sizes)}")
         size = sizes.pop() if sizes else 1

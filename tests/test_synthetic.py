@@ -75,3 +75,19 @@ def test_invalid_arguments(kwargs, message):
     kwargs = {"n": 10, "rho": 0.5, **kwargs}
     with pytest.raises(ValueError, match=message):
         make_synthetic(**kwargs)
+
+
+def test_paired_change_of_mmoes_advantage_is_per_seed():
+    import math
+
+    from benchmarks.synthetic import paired_change
+
+    # Final losses (last epoch) per seed; seed 1's data is harder for both models at both rhos.
+    runs = {(0.5, "omoe"): [[0.9, 0.30], [0.9, 0.50]], (0.5, "mmoe"): [[0.9, 0.20], [0.9, 0.42]],
+            (1.0, "omoe"): [[0.9, 0.30], [0.9, 0.50]], (1.0, "mmoe"): [[0.9, 0.31], [0.9, 0.50]]}
+    mean, se = paired_change(runs, 0.5, 1.0, {0.5: "omoe", 1.0: "omoe"})
+    # Per seed: (0.30 - 0.20) - (0.30 - 0.31) = 0.11 and (0.50 - 0.42) - (0.50 - 0.50) = 0.08.
+    assert math.isclose(mean, 0.095, abs_tol=1e-12)
+    assert math.isclose(se, abs(0.11 - 0.08) / math.sqrt(2) / math.sqrt(2), abs_tol=1e-12)
+    one_seed = {k: v[:1] for k, v in runs.items()}
+    assert paired_change(one_seed, 0.5, 1.0, {0.5: "omoe", 1.0: "omoe"}) is None

@@ -434,21 +434,27 @@ def _concurrently(fn, count):
     return results
 
 
+def _server_recording_batches(model_root, batch_timeout_micros, **server_options):
+    """A batching server for "plain" (one batch thread) and the list its merged batches' sizes go to."""
+    params = BatchingParameters(max_batch_size=64, batch_timeout_micros=batch_timeout_micros,
+                                max_enqueued_batches=10, num_batch_threads=1)
+    srv = Server(ModelManager([ModelEntry("plain", str(model_root / "plain"))], batching=params,
+                              max_batch=MAX_REQUEST_BATCH, poll_seconds=3600), port=0, **server_options).start()
+    with srv.manager.use("plain") as servable:
+        batcher = servable._batchers["serving_default"]
+    batch_sizes = []
+    run = batcher._run
+    batcher._run = lambda inputs: batch_sizes.append(len(inputs["examples"])) or run(inputs)
+    return srv, batch_sizes
+
+
 def test_waiting_requests_hold_no_thread(model_root, examples, stub):
     """32 requests wait in the batch queue at once on a server with ONE model thread: they merge into a batch.
 
     A server that held a thread per waiting request (the synchronous gRPC server) would run them one at a
     time through that thread, one batch timeout each."""
-    params = BatchingParameters(max_batch_size=64, batch_timeout_micros=300_000, max_enqueued_batches=10,
-                                num_batch_threads=1)
-    srv = Server(ModelManager([ModelEntry("plain", str(model_root / "plain"))], batching=params,
-                              max_batch=MAX_REQUEST_BATCH, poll_seconds=3600), port=0, max_workers=1).start()
+    srv, batch_sizes = _server_recording_batches(model_root, batch_timeout_micros=300_000, max_workers=1)
     try:
-        with srv.manager.use("plain") as servable:
-            batcher = servable._batchers["serving_default"]
-            batch_sizes = []
-            run = batcher._run
-            batcher._run = lambda inputs: batch_sizes.append(len(inputs["examples"])) or run(inputs)
         with grpc.insecure_channel(f"127.0.0.1:{srv.port}") as ch:
             batched = prediction_service_pb2_grpc.PredictionServiceStub(ch)
             started = time.monotonic()
@@ -468,16 +474,8 @@ def test_waiting_requests_hold_no_thread(model_root, examples, stub):
 def test_a_request_that_gives_up_leaves_its_batch(model_root, examples, stub):
     """A client whose deadline passes while its request waits in the batch queue gets DEADLINE_EXCEEDED; its
     batch-mates are answered, without its row, and the server goes on serving."""
-    params = BatchingParameters(max_batch_size=64, batch_timeout_micros=1_500_000, max_enqueued_batches=10,
-                                num_batch_threads=1)
-    srv = Server(ModelManager([ModelEntry("plain", str(model_root / "plain"))], batching=params,
-                              max_batch=MAX_REQUEST_BATCH, poll_seconds=3600), port=0).start()
+    srv, batch_sizes = _server_recording_batches(model_root, batch_timeout_micros=1_500_000)
     try:
-        with srv.manager.use("plain") as servable:
-            batcher = servable._batchers["serving_default"]
-            batch_sizes = []
-            run = batcher._run
-            batcher._run = lambda inputs: batch_sizes.append(len(inputs["examples"])) or run(inputs)
         with grpc.insecure_channel(f"127.0.0.1:{srv.port}") as ch:
             batched = prediction_service_pb2_grpc.PredictionServiceStub(ch)
             # Request 0 gives up after 0.2 s; requests 1-4 (two examples each) wait for the 1.5 s timeout.

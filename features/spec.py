@@ -117,8 +117,21 @@ class NumericFeature:
         return self.bucketize is not None
 
 
+class _StringFeature:
+    """What every string feature shares: it is an id input, and adds no bucket-id input."""
+
+    @property
+    def is_categorical(self) -> bool:
+        return True
+
+    @property
+    def bucket_input(self) -> Optional[str]:
+        """None: only numeric features add a bucket-id input (`NumericFeature.also_bucketize`)."""
+        return None
+
+
 @dataclasses.dataclass(frozen=True)
-class CategoricalFeature:
+class CategoricalFeature(_StringFeature):
     """A string column encoded through a vocabulary computed on training data.
 
     Values are stripped of surrounding whitespace.  Values not in the
@@ -143,13 +156,9 @@ class CategoricalFeature:
         if self.min_frequency is not None:
             _check_int(owner, "min_frequency", self.min_frequency, 1)
 
-    @property
-    def is_categorical(self) -> bool:
-        return True
-
 
 @dataclasses.dataclass(frozen=True)
-class HashedFeature:
+class HashedFeature(_StringFeature):
     """A high-cardinality string column hashed into `hash_buckets` ids.
 
     No vocabulary is stored (so no analysis pass and no unbounded vocabulary
@@ -163,10 +172,6 @@ class HashedFeature:
     def __post_init__(self):
         _check_name("feature", self.name)
         _check_int(f"feature {self.name!r}", "hash_buckets", self.hash_buckets, 2)
-
-    @property
-    def is_categorical(self) -> bool:
-        return True
 
 
 Feature = Union[NumericFeature, CategoricalFeature, HashedFeature]
@@ -304,7 +309,7 @@ class DatasetSpec:
                 raise ValueError(f"{where}: feature name {WEIGHT_KEY!r} is reserved for the weight")
         inputs = set(names)
         for f in self.features:
-            extra = getattr(f, "bucket_input", None)
+            extra = f.bucket_input
             if extra is None:
                 continue
             if extra in inputs:
@@ -364,7 +369,7 @@ class DatasetSpec:
         out = []
         for f in self.features:
             out.append(transformed_name(f.name))
-            if getattr(f, "bucket_input", None) is not None:
+            if f.bucket_input is not None:
                 out.append(f.bucket_input)
         return out
 

@@ -273,7 +273,7 @@ def transformed_feature_info(spec: DatasetSpec, tft_output: tft.TFTransformOutpu
                          "vocab_size": int(tft_output.num_buckets_for_transformed_feature(name))})
         else:
             info.append({"name": name, "kind": "numeric", "vocab_size": None})
-        if getattr(f, "bucket_input", None) is not None:
+        if f.bucket_input is not None:
             info.append({"name": f.bucket_input, "kind": "categorical",
                          "vocab_size": int(tft_output.num_buckets_for_transformed_feature(f.bucket_input))})
     return info

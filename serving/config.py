@@ -28,9 +28,11 @@ import dataclasses
 import os
 from typing import Dict, List, Optional
 
-from google.protobuf import descriptor_pb2, descriptor_pool, message_factory, text_format
+from google.protobuf import text_format
 from google.protobuf import wrappers_pb2  # noqa: F401  (registers google/protobuf/wrappers.proto in the pool)
 from tensorflow_serving.config import model_server_config_pb2
+
+from serving.protos import Field, declare_message
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,38 +118,20 @@ def load_model_config(path: str) -> List[ModelEntry]:
 
 def _batching_message_class():
     """Declare tensorflow.serving.BatchingParameters (field numbers from session_bundle_config.proto)."""
-    pool = descriptor_pool.Default()
-    full_name = "mmoe.serving.BatchingParameters"
-    factory = message_factory.MessageFactory(pool)
-    try:
-        return factory.GetPrototype(pool.FindMessageTypeByName(full_name))
-    except KeyError:
-        pass
-    file_proto = descriptor_pb2.FileDescriptorProto(name="mmoe/serving/batching_parameters.proto",
-                                                    package="mmoe.serving",
-                                                    dependency=["google/protobuf/wrappers.proto"], syntax="proto3")
-    message = file_proto.message_type.add(name="BatchingParameters")
-    fields = [("max_batch_size", 1, ".google.protobuf.Int64Value"),
-              ("batch_timeout_micros", 2, ".google.protobuf.Int64Value"),
-              ("max_enqueued_batches", 3, ".google.protobuf.Int64Value"),
-              ("num_batch_threads", 4, ".google.protobuf.Int64Value"),
-              ("thread_pool_name", 5, ".google.protobuf.StringValue"),
-              ("allowed_batch_sizes", 6, None),
-              ("pad_variable_length_inputs", 7, None),
-              ("enable_large_batch_splitting", 8, ".google.protobuf.BoolValue"),
-              ("max_execution_batch_size", 9, ".google.protobuf.Int64Value")]
-    label = descriptor_pb2.FieldDescriptorProto
-    for name, number, type_name in fields:
-        if name == "allowed_batch_sizes":
-            message.field.add(name=name, number=number, label=label.LABEL_REPEATED, type=label.TYPE_INT64)
-        elif name == "pad_variable_length_inputs":
-            message.field.add(name=name, number=number, label=label.LABEL_OPTIONAL, type=label.TYPE_BOOL)
-        else:
-            message.field.add(name=name, number=number, label=label.LABEL_OPTIONAL, type=label.TYPE_MESSAGE,
-                              type_name=type_name)
-    pool.Add(file_proto)
-    # protobuf 3.20 (pinned by TensorFlow 2.16) has MessageFactory.GetPrototype, not GetMessageClass.
-    return factory.GetPrototype(pool.FindMessageTypeByName(full_name))
+    optional, message = Field.LABEL_OPTIONAL, Field.TYPE_MESSAGE
+    int64, string, boolean = (".google.protobuf.Int64Value", ".google.protobuf.StringValue",
+                              ".google.protobuf.BoolValue")
+    fields = [("max_batch_size", 1, optional, message, int64),
+              ("batch_timeout_micros", 2, optional, message, int64),
+              ("max_enqueued_batches", 3, optional, message, int64),
+              ("num_batch_threads", 4, optional, message, int64),
+              ("thread_pool_name", 5, optional, message, string),
+              ("allowed_batch_sizes", 6, Field.LABEL_REPEATED, Field.TYPE_INT64, None),
+              ("pad_variable_length_inputs", 7, optional, Field.TYPE_BOOL, None),
+              ("enable_large_batch_splitting", 8, optional, message, boolean),
+              ("max_execution_batch_size", 9, optional, message, int64)]
+    return declare_message("mmoe/serving/batching_parameters.proto", "BatchingParameters", fields,
+                           dependencies=["google/protobuf/wrappers.proto"])
 
 
 @dataclasses.dataclass(frozen=True)

@@ -493,6 +493,19 @@ def test_a_request_that_gives_up_leaves_its_batch(model_root, examples, stub):
     assert batch_sizes[0] == 8, batch_sizes  # 4 requests x 2 examples: the cancelled one's rows are not run
 
 
+def test_declare_message_declares_once_and_round_trips():
+    from serving.protos import Field, declare_message
+
+    fields = [("count", 1, Field.LABEL_OPTIONAL, Field.TYPE_INT64, None),
+              ("names", 2, Field.LABEL_REPEATED, Field.TYPE_STRING, None)]
+    cls = declare_message("mmoe/serving/test_declared.proto", "TestDeclared", fields)
+    assert declare_message("mmoe/serving/test_declared.proto", "TestDeclared", fields) is cls
+    message = cls(count=7, names=["a", "b"])
+    again = cls.FromString(message.SerializeToString())
+    assert again.count == 7 and list(again.names) == ["a", "b"]
+    assert cls.DESCRIPTOR.full_name == "mmoe.serving.TestDeclared"
+
+
 def test_batching_parameters_text_format():
     from serving.config import parse_batching_parameters
 

@@ -87,9 +87,6 @@ def iter_records(path: str) -> Iterator[Tuple[bytes, int]]:
             yield data, offset
 
 
-_EXTRAS_LOCK = threading.Lock()
-
-
 def _extras_class():
     """mmoe.serving.PredictionLogExtras {int64 time_ms = 1000; string split_arm = 1001;}, declared at run time.
 
@@ -99,24 +96,11 @@ def _extras_class():
     millisecond time, and `log_metadata.model_spec.version_label` cannot hold the arm: it shares a oneof with
     `version`, the served version.
     """
-    from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
+    from serving.protos import Field, declare_message
 
-    pool = descriptor_pool.Default()
-    full_name = "mmoe.serving.PredictionLogExtras"
-    with _EXTRAS_LOCK:
-        factory = message_factory.MessageFactory(pool)
-        try:
-            return factory.GetPrototype(pool.FindMessageTypeByName(full_name))
-        except KeyError:
-            pass
-        file_proto = descriptor_pb2.FileDescriptorProto(name="mmoe/serving/prediction_log_extras.proto",
-                                                        package="mmoe.serving", syntax="proto3")
-        message = file_proto.message_type.add(name="PredictionLogExtras")
-        field = descriptor_pb2.FieldDescriptorProto
-        message.field.add(name="time_ms", number=1000, label=field.LABEL_OPTIONAL, type=field.TYPE_INT64)
-        message.field.add(name="split_arm", number=1001, label=field.LABEL_OPTIONAL, type=field.TYPE_STRING)
-        pool.Add(file_proto)
-        return factory.GetPrototype(pool.FindMessageTypeByName(full_name))
+    return declare_message("mmoe/serving/prediction_log_extras.proto", "PredictionLogExtras",
+                           [("time_ms", 1000, Field.LABEL_OPTIONAL, Field.TYPE_INT64, None),
+                            ("split_arm", 1001, Field.LABEL_OPTIONAL, Field.TYPE_STRING, None)])
 
 
 # -- files -------------------------------------------------------------------------------------------------

@@ -196,3 +196,27 @@ def test_ema_setting_ends_training_with_the_averaged_weights():
     ema_moved, epochs = trained(0.99999)
     assert epochs < 12
     assert raw_moved > 0.2 and ema_moved < 0.06
+
+
+def test_anchor_money_buckets_are_cached_apart_and_reported_with_the_best_anchor(tmp_path):
+    from benchmarks.census_quality import RunCache, best_anchor, gradient_boosting_anchor
+    from mmoe.training import TaskData
+
+    rng = np.random.default_rng(0)
+
+    def split(n):
+        gains = np.where(rng.random(n) < 0.8, 0.0, rng.lognormal(3, 1, n)).astype("float32")
+        y = ((gains > 20) | (rng.random(n) < 0.1)).astype("float32")
+        return TaskData({"capital_gains": gains}, {"t": y}, np.ones(n, "float32"))
+
+    features, tasks = [InputFeature("capital_gains")], [TaskSpec("t")]
+    splits = {"train": split(400), "valid": split(200), "test": split(200)}
+    cache = RunCache(tmp_path / "runs.json")
+    reports = [gradient_boosting_anchor(features, tasks, splits, cache, {"group": 0}, False, 1, print,
+                                        numeric="both", numeric_buckets=8, money=money) for money in ("plain", "zero")]
+    keys = [json.loads(k) for k in cache.runs]
+    assert [k.get("money") for k in keys] == [None, "zero"]  # two runs, not one cached answer for both
+    best = best_anchor(reports, tasks)
+    chosen = max(reports, key=lambda r: r["valid"]["t"]["mean"])
+    assert best["settings"]["t"].get("money", "plain") == chosen["money"]
+    assert best["test"]["t"] == chosen["test"]["t"]

@@ -249,7 +249,7 @@ def numeric_inputs(features, splits, mode, n_buckets, money="plain"):
                  for k, d in splits.items()}
 
 
-def optimizer_for(settings, learning_rate, main_task, n_train):
+def optimizer_for(settings, learning_rate, main_task, n_train, num_tasks):
     """(optimizer, callbacks) for the schedule, weight_decay and ema settings; the optimizer is None when
     they are all at their defaults (compile_model's plain Adam is kept)."""
     import keras
@@ -266,7 +266,7 @@ def optimizer_for(settings, learning_rate, main_task, n_train):
         steps = -(-n_train // settings["batch_size"])
         lr = keras.optimizers.schedules.CosineDecay(lr, steps * train_setting(settings, "cosine_epochs"), alpha=0.01)
     elif schedule == "plateau":
-        monitor, mode = monitor_for(main_task)
+        monitor, mode = monitor_for(main_task, num_tasks)
         callbacks.append(keras.callbacks.ReduceLROnPlateau(monitor=monitor, mode=mode, factor=0.3, patience=2,
                                                            min_lr=1e-5))
     elif schedule != "constant":
@@ -306,7 +306,7 @@ def train_once(arch, settings, features, tasks, splits, seed, epochs, patience=4
     valid = TaskData(valid.inputs, valid.labels)
     keras.utils.set_random_seed(seed)
     model = compile_model(build_model(config, features, tasks), config, tasks, steps_per_execution=16)
-    optimizer, callbacks = optimizer_for(settings, config.learning_rate, tasks[0], len(train))
+    optimizer, callbacks = optimizer_for(settings, config.learning_rate, tasks[0], len(train), len(tasks))
     if optimizer is not None:
         model.compile(optimizer=optimizer, loss=task_losses(tasks), loss_weights={t.name: t.loss_weight for t in tasks},
                       metrics=task_metrics(tasks), jit_compile=True, steps_per_execution=16)

@@ -41,9 +41,17 @@ class TaskData:
                         None if self.weights is None else self.weights[index])
 
 
-def monitor_for(task: TaskSpec) -> tuple[str, str]:
-    """Keras history key and mode of a task's validation metric."""
-    return (f"val_{task.name}_auc", "max") if task.kind == "binary" else (f"val_{task.name}_rmse", "min")
+def monitor_for(task: TaskSpec, num_tasks: int) -> tuple[str, str]:
+    """Keras history key and mode of a task's validation metric, in a model with `num_tasks` task heads.
+
+    Keras prefixes metric names with the output name only when a model has several outputs: a one-task
+    model logs `val_auc`, not `val_<task>_auc`.  A wrong key only makes Keras warn, and early stopping then
+    never stops nor restores the best epoch, so the count is a required argument.
+    """
+    if num_tasks < 1:
+        raise ValueError(f"num_tasks must be >= 1, got {num_tasks}")
+    prefix = f"val_{task.name}_" if num_tasks > 1 else "val_"
+    return (prefix + "auc", "max") if task.kind == "binary" else (prefix + "rmse", "min")
 
 
 def _sample_weights(data: TaskData, tasks: Sequence[TaskSpec]):
@@ -72,7 +80,7 @@ def fit(model: keras.Model, tasks: Sequence[TaskSpec], train: TaskData, valid: O
     validation_data = None
     if valid is not None:
         validation_data = (valid.inputs, valid.labels, _sample_weights(valid, tasks))
-        monitor, mode = monitor_for(main)
+        monitor, mode = monitor_for(main, len(tasks))
         callbacks.append(keras.callbacks.EarlyStopping(monitor=monitor, mode=mode, patience=patience,
                                                        restore_best_weights=True))
     keras.utils.set_random_seed(seed)

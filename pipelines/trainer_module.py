@@ -220,7 +220,7 @@ def run_fn(fn_args) -> None:
     train_steps = int(fn_args.train_steps or settings["steps_per_epoch"])
     steps_per_epoch = max(1, min(int(settings["steps_per_epoch"]), train_steps))
     epochs = max(1, math.ceil(train_steps / steps_per_epoch))
-    monitor, mode = monitor_for(main)
+    monitor, mode = monitor_for(main, len(tasks))
     log_dir = fn_args.model_run_dir
     callbacks = [keras.callbacks.TensorBoard(log_dir=log_dir, update_freq="epoch"),
                  keras.callbacks.EarlyStopping(monitor=monitor, mode=mode, patience=int(settings["patience"]),
@@ -281,7 +281,7 @@ def tuner_fn(fn_args):
         config = apply_hyperparameters(base, hparams.values)
         return compile_model(build_model(config, features, tasks), config, tasks, jit_compile=bool(settings["xla"]))
 
-    monitor, mode = monitor_for(main)
+    monitor, mode = monitor_for(main, len(tasks))
     tuner = keras_tuner.RandomSearch(build, objective=keras_tuner.Objective(monitor, mode),
                                      max_trials=int(cfg["max_trials"]), hyperparameters=hp,
                                      directory=fn_args.working_dir, project_name="mmoe_tuning",

@@ -181,7 +181,8 @@ def test_ema_setting_ends_training_with_the_averaged_weights():
         config = ModelConfig(num_experts=2, expert_units=(4,), tower_units=(4,), learning_rate=0.05)
         model = compile_model(build_model(config, features, tasks), config, tasks)
         initial = model.get_weights()
-        optimizer, callbacks = optimizer_for({"batch_size": 64, "ema": ema}, config.learning_rate, tasks[0], 512)
+        optimizer, callbacks = optimizer_for({"batch_size": 64, "ema": ema}, config.learning_rate, tasks[0], 512,
+                                             len(tasks))
         if optimizer is not None:  # ema 0 with the other defaults: compile_model's Adam stays
             model.compile(optimizer=optimizer, loss=task_losses(tasks), metrics=task_metrics(tasks))
         history = fit(model, tasks, train, valid, epochs=12, batch_size=64, patience=2, verbose=0,

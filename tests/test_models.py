@@ -154,3 +154,25 @@ def test_embedding_lookup_setting_reaches_the_embedding_layer(toy):
     outs = {k: predict(m, train.inputs) for k, m in models.items()}
     for task in outs["gather"]:
         np.testing.assert_allclose(outs["matmul"][task], outs["gather"][task], rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("num_tasks", [1, 2])
+def test_early_stopping_watches_a_metric_keras_logs(toy, num_tasks):
+    """A one-task model logs `val_auc` (Keras adds the output name only with several outputs); early stopping
+    must watch the key that exists, or it silently never stops nor restores the best epoch."""
+    from mmoe.training import TaskData, monitor_for
+
+    features, tasks, train, test = toy
+    tasks = tasks[:num_tasks]
+    keep = [t.name for t in tasks]
+    train = TaskData(train.inputs, {k: train.labels[k] for k in keep})
+    valid = TaskData(test.inputs, {k: test.labels[k] for k in keep})
+    config = ModelConfig(arch="mmoe", **SMALL)
+    model = compile_model(build_model(config, features, tasks), config, tasks)
+    history = fit(model, tasks, train, valid, epochs=2, batch_size=256, patience=1, verbose=0)
+    monitor, mode = monitor_for(tasks[0], len(tasks))
+    assert monitor in history.history, sorted(history.history)
+    assert mode == "max"
+    assert monitor_for(tasks[1 % len(tasks)], len(tasks))[1] == ("max" if num_tasks == 1 else "min")
+    with pytest.raises(ValueError, match="num_tasks"):
+        monitor_for(tasks[0], 0)

@@ -87,13 +87,20 @@ class NumericFeature:
     feature is categorical-like with cardinality N.  `also_bucketize=N`
     keeps the z-scored value and adds the N-quantile bucket id as a second
     input, `bucket_name(name)`: the network sees the number and can embed
-    its range too (the buckets are of the logged value when `log` is set).
+    its range too (for a `log` feature the quantiles are taken of the
+    amount itself, which gives the same buckets as its log and keeps float
+    rounding of log1p out of the bucket choice).
+    `zero_bucket=True` (with either) gives exactly-zero values bucket 0 and
+    takes the N quantiles over the non-zero training values only (ids
+    1..N): for amounts that are mostly zero, such as capital gains, whose
+    plain quantiles collapse to a few buckets.
     """
 
     name: str
     log: bool = False
     bucketize: Optional[int] = None
     also_bucketize: Optional[int] = None
+    zero_bucket: bool = False
 
     def __post_init__(self):
         _check_name("feature", self.name)
@@ -106,6 +113,17 @@ class NumericFeature:
             if self.bucketize is not None:
                 raise ValueError(f"feature {self.name!r}: bucketize replaces the number by its bucket and "
                                  f"also_bucketize adds the bucket to it; give one of them")
+        if not isinstance(self.zero_bucket, bool):
+            raise ValueError(f"feature {self.name!r}: zero_bucket must be true or false, got {self.zero_bucket!r}")
+        if self.zero_bucket and self.bucketize is None and self.also_bucketize is None:
+            raise ValueError(f"feature {self.name!r}: zero_bucket applies to quantile buckets; give bucketize or "
+                             f"also_bucketize too")
+
+    @property
+    def num_buckets(self) -> Optional[int]:
+        """Distinct bucket ids of `bucketize` / `also_bucketize` (one more with `zero_bucket`), else None."""
+        n = self.bucketize if self.bucketize is not None else self.also_bucketize
+        return None if n is None else n + int(self.zero_bucket)
 
     @property
     def bucket_input(self) -> Optional[str]:

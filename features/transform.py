@@ -181,19 +181,42 @@ def _label(x: tf.Tensor, task: Task, strip_period: bool) -> tf.Tensor:
     return x
 
 
-def _quantile_bucket(raw: tf.Tensor, filled: tf.Tensor, num_buckets: int, name: str) -> tf.Tensor:
-    """Training-quantile bucket id of `filled` (missing values already replaced by the training mean).
+def _bucket_values(column: tf.Tensor, raw: tf.Tensor, mean: tf.Tensor, log: bool) -> Tuple[tf.Tensor, tf.Tensor]:
+    """(value with NaN where missing, value with missing filled) that quantile buckets are taken over.
+
+    For a `log` feature that is the amount max(x, 0) itself, not log1p of it (the same buckets, log1p being
+    monotone): TensorFlow's float32 log1p can differ by one ulp for one value depending on where it sits in a
+    tensor (vectorised or scalar path), which moves a value lying exactly on a boundary (boundaries are data
+    values, e.g. log1p(1800)) to another bucket, so serving could disagree with training.  A missing amount
+    is filled with expm1 of the training mean of the logged value, the amount the z-scored input is filled with.
+    """
+    if not log:
+        return raw, tf.where(tf.math.is_nan(raw), mean, raw)
+    missing = tf.math.is_nan(raw)
+    amount = tf.maximum(tf.where(missing, tf.zeros_like(raw), tf.cast(column, tf.float32)), 0.0)
+    return tf.where(missing, raw, amount), tf.where(missing, tf.math.expm1(mean) + tf.zeros_like(raw), amount)
+
+
+def _quantile_bucket(raw: tf.Tensor, filled: tf.Tensor, num_buckets: int, name: str,
+                     zero_bucket: bool = False) -> tf.Tensor:
+    """Training-quantile bucket id of `filled` (missing values already filled: `_bucket_values`).
 
     The quantiles are taken of `raw` with missing rows weighted 0, not of `filled`: `filled` depends on the
     mean analyzer, and a quantiles analyzer over it makes the analysis two-phase, which fails in the TFX
     Transform component (Beam, "ApplySavedModel[Phase1]") though it works in process. Otherwise this is
     `tft.bucketize` (same epsilon, one analyzer per feature in spec order, as serving/fast_transform.py reads).
+    With `zero_bucket`, zero rows are weighted 0 as well, a value of exactly 0 gets id 0 and the others their
+    quantile bucket + 1 (`NumericFeature.zero_bucket`).
     """
     with tf.name_scope(name):
         valid = tf.logical_not(tf.math.is_nan(raw))
+        counted = tf.logical_and(valid, tf.not_equal(raw, 0.0)) if zero_bucket else valid
         boundaries = tft.quantiles(tf.where(valid, raw, tf.zeros_like(raw)), num_buckets,
-                                   epsilon=min(1.0 / num_buckets, 0.01), weights=tf.cast(valid, tf.float32))
-        return tft.apply_buckets(filled, boundaries)
+                                   epsilon=min(1.0 / num_buckets, 0.01), weights=tf.cast(counted, tf.float32))
+        ids = tft.apply_buckets(filled, boundaries)
+        if not zero_bucket:
+            return ids
+        return _set_range(tf.where(tf.equal(filled, 0.0), tf.zeros_like(ids), ids + 1), num_buckets + 1)
 
 
 def make_preprocessing_fn(spec: DatasetSpec) -> Callable[[Dict[str, tf.Tensor]], Dict[str, tf.Tensor]]:
@@ -227,16 +250,20 @@ def make_preprocessing_fn(spec: DatasetSpec) -> Callable[[Dict[str, tf.Tensor]],
                 raw = numeric[f.name]
                 mean, std = stats[f.name]
                 x = tf.where(tf.math.is_nan(raw), mean, raw)  # missing -> training mean
+                if f.bucketize is not None or f.also_bucketize is not None:
+                    bucket_raw, bucket_x = _bucket_values(inputs[f.name], raw, mean, f.log)
                 if f.bucketize is not None:
-                    out = _quantile_bucket(raw, x, f.bucketize, name=f"bucketize_{f.name}")
+                    out = _quantile_bucket(bucket_raw, bucket_x, f.bucketize, name=f"bucketize_{f.name}",
+                                           zero_bucket=f.zero_bucket)
                 else:
                     # A constant column has std 0: emit x - mean (all zeros) rather than inf/NaN.
                     out = (x - mean) / tf.where(std > 0, std, tf.ones_like(std))
                 if f.also_bucketize is not None:
                     # Same place in the analyzer order as a `bucketize` feature would take (spec order);
                     # serving/fast_transform.py reads the boundaries in that order.
-                    outputs[f.bucket_input] = _quantile_bucket(raw, x, f.also_bucketize,
-                                                               name=f"bucketize_{f.bucket_input}")
+                    outputs[f.bucket_input] = _quantile_bucket(bucket_raw, bucket_x, f.also_bucketize,
+                                                               name=f"bucketize_{f.bucket_input}",
+                                                               zero_bucket=f.zero_bucket)
             elif isinstance(f, CategoricalFeature):
                 out = vocab_ids[f.name]
             else:  # HashedFeature

@@ -19,7 +19,7 @@ matrices:
 * all numeric features: one [batch, N] float matrix; log1p, NaN -> training
   mean and the z-score are each one vectorised op; `bucketize` features (and
   the bucket ids `also_bucketize` features add) one batched searchsorted
-  over their padded quantile boundaries.
+  over their padded quantile boundaries (and one where for `zero_bucket`).
 
 Training keeps using tf.Transform; nothing here is a second definition of
 the parameters.  They come from the fitted transform itself:
@@ -150,6 +150,16 @@ class FusedTransform(tf.Module):
         self._any_log = any(f.log for f in numeric)
         self._zscored_index = [self._numeric_names.index(f.name) for f in zscored]
         self._bucketized_index = [self._numeric_names.index(f.name) for f in bucketized]
+        # `zero_bucket` features: exactly 0 -> id 0, others their quantile bucket + 1.
+        self._zero_bucket = tf.constant([[f.zero_bucket] for f in bucketized] or [[False]], tf.bool)
+        self._any_zero_bucket = any(f.zero_bucket for f in bucketized)
+        # `log` features are bucketed on the amount, max(x, 0), missing -> expm1(training mean of the log), as
+        # features.transform._bucket_values does (computed by TensorFlow the same way, on a scalar each).
+        self._bucket_log = tf.constant([[f.log] for f in bucketized] or [[False]], tf.bool)
+        self._any_bucket_log = any(f.log for f in bucketized)
+        self._bucket_fill = tf.constant(
+            [[float(tf.math.expm1(tf.constant(mean[self._numeric_names.index(f.name)])).numpy())
+              if f.log else 0.0] for f in bucketized] or [[0.0]], tf.float32)
         if len(boundaries) != len(bucketized):
             raise FusedTransformError(f"{len(boundaries)} quantile-boundary analyzers for {len(bucketized)} "
                                       f"bucketized features")
@@ -278,12 +288,11 @@ class FusedTransform(tf.Module):
             numbers[name] = list(base)
         for position, values in zip(self._bucketized_index, self._boundary_values):
             name = self._numeric_names[position]
-            # Values at, just below and just above each boundary (in the transform's space; for log features
-            # the raw value expm1(b) lands within rounding of it, still a useful probe).
+            # Values at, just below and just above each boundary (boundaries are in raw space: log features
+            # are bucketed on the amount, features.transform._bucket_values).
             for b in values.astype(np.float64):
-                raw_b = float(np.expm1(b)) if self._is_log(position) else float(b)
-                numbers[name] += [raw_b, float(np.nextafter(np.float32(raw_b), np.float32(-np.inf))),
-                                  float(np.nextafter(np.float32(raw_b), np.float32(np.inf)))]
+                numbers[name] += [float(b), float(np.nextafter(np.float32(b), np.float32(-np.inf))),
+                                  float(np.nextafter(np.float32(b), np.float32(np.inf)))]
         rows = max([rows] + [len(v) for v in strings.values()] + [len(v) for v in numbers.values()])
         raw = self._probe_raw(strings, numbers, rows)
         want = tft_layer(raw)
@@ -301,9 +310,6 @@ class FusedTransform(tf.Module):
                                           f"tf.Transform gives {expected[bad]!r} (probe row {bad})")
         return rows
 
-    def _is_log(self, position: int) -> bool:
-        return bool(self._log_mask.numpy()[position])
-
     # -- the serving graph ------------------------------------------------------------------------------------
 
     def matrices(self, raw: Dict[str, tf.Tensor]) -> Tuple[tf.Tensor, tf.Tensor]:
@@ -313,6 +319,7 @@ class FusedTransform(tf.Module):
         ints = []
         if self._numeric_names:
             x = tf.stack([tf.cast(raw[n], tf.float32) for n in self._numeric_names], axis=1)
+            unlogged = x
             missing = tf.math.is_nan(x)
             if self._any_log:
                 logged = tf.math.log1p(tf.maximum(tf.where(missing, tf.zeros_like(x), x), 0.0))
@@ -343,8 +350,18 @@ class FusedTransform(tf.Module):
                 ints.append(self._hashes(s[:, c:], self._hash_groups))
         if self._bucketized_index:
             x_b = tf.transpose(tf.gather(x, self._bucketized_index, axis=1))  # [features, batch]
+            if self._any_bucket_log:
+                u = tf.transpose(tf.gather(unlogged, self._bucketized_index, axis=1))
+                u_missing = tf.math.is_nan(u)
+                amount = tf.where(u_missing, tf.broadcast_to(self._bucket_fill, tf.shape(u)),
+                                  tf.maximum(tf.where(u_missing, tf.zeros_like(u), u), 0.0))
+                x_b = tf.where(self._bucket_log, amount, x_b)
             buckets = tf.searchsorted(self._boundaries, x_b, side="right", out_type=tf.int64)
-            ints.append(tf.transpose(tf.minimum(buckets, self._boundary_counts[:, tf.newaxis])))
+            buckets = tf.minimum(buckets, self._boundary_counts[:, tf.newaxis])
+            if self._any_zero_bucket:
+                shifted = buckets + tf.cast(self._zero_bucket, tf.int64)
+                buckets = tf.where(self._zero_bucket & tf.equal(x_b, 0.0), tf.zeros_like(buckets), shifted)
+            ints.append(tf.transpose(buckets))
         ints = tf.concat(ints, axis=1) if len(ints) > 1 else (ints[0] if ints else
                                                               tf.zeros(tf.concat([batch, [0]], 0), tf.int64))
         return floats, ints

@@ -32,7 +32,8 @@ def test_census_spec_groups(group, tasks):
     assert names.isdisjoint({"education", "marital_stat", "income_50k", "instance_weight"})
     assert len(names) == 42 - 4
     assert spec.weight_column == "instance_weight"
-    assert spec.feature("capital_gains") == NumericFeature("capital_gains", log=True, also_bucketize=64)
+    assert spec.feature("capital_gains") == NumericFeature("capital_gains", log=True, also_bucketize=64,
+                                                           zero_bucket=True)
     assert spec.feature("age") == NumericFeature("age", also_bucketize=64)
     # Every numeric quantity also feeds its quantile bucket id; codes and labels do not.
     numeric = [f.name for f in spec.features if isinstance(f, NumericFeature)]

@@ -221,6 +221,38 @@ def test_fused_transform_equals_tf_transform_with_also_bucketize(tmp_path):
     np.testing.assert_allclose(plain_layer(tensors)["age"].numpy(), got["age"].numpy(), rtol=1e-6)
 
 
+@pytest.mark.slow
+def test_zero_bucket_gives_zero_its_own_id_in_tf_transform_and_the_fused_transform(tmp_path):
+    """clicks (Poisson, ~5 % zeros): 0 -> id 0, the non-zero values' own 3 quantiles -> ids 1..3, both transforms."""
+    import tensorflow_transform as tft
+
+    from features.io import read_dataset
+    from features.spec import load_dataset_spec
+    from features.transform import transform_in_process, transformed_feature_info
+    from test_dataset_config import CONFIG, make_csv
+
+    config = tmp_path / "clicks.yaml"
+    text = textwrap.dedent(CONFIG).replace("{name: clicks, type: numeric, log: true}",
+                                           "{name: clicks, type: numeric, log: true, also_bucketize: 3, "
+                                           "zero_bucket: true}")
+    config.write_text(text)
+    spec = load_dataset_spec(config)
+    raw_frame = make_csv(tmp_path / "clicks.csv")
+    frame = read_dataset(tmp_path / "clicks.csv", spec)
+    transform_in_process(spec, frame.iloc[:300], {}, str(tmp_path / "tft"), progress=None)
+    tft_output = tft.TFTransformOutput(str(tmp_path / "tft"))
+    info = {i["name"]: i for i in transformed_feature_info(spec, tft_output)}
+    assert info["clicks_bucket"]["vocab_size"] == 4
+
+    _, raw, got = _assert_fused_equals_tf_transform(spec, str(tmp_path / "tft"), frame.iloc[300:])
+    # The probe rows include NaN (-> the training mean, not zero) and negative values (log1p(max(x, 0)) = 0).
+    clicks, ids = np.asarray(raw["clicks"], np.float64), got["clicks_bucket"].numpy()
+    zero = clicks <= 0
+    assert (raw_frame["clicks"].astype(float)[300:] == 0).any() and zero.any()
+    assert (ids[zero] == 0).all()
+    assert (ids[~zero] >= 1).all() and set(ids[clicks > 0].tolist()) == {1, 2, 3}
+
+
 def _spec_without_buckets(text, tmp_path):
     from features.spec import load_dataset_spec
 

@@ -188,17 +188,16 @@ class FusedTransform(tf.Module):
             buckets = int(tft_output.num_buckets_for_transformed_feature(transformed_name(f.name)))
             vocab_sizes.append(buckets - f.oov_buckets)
         self._vocab_sizes = tf.constant(vocab_sizes, tf.int64)
-        keys, ids = self._vocabulary(tokens, categorical, vocab_sizes, tft_layer)
-        if keys:
+        features_of, values, ids = self._vocabulary(tokens, categorical, vocab_sizes, tft_layer)
+        if values:
             self._table = tf.lookup.StaticHashTable(
-                tf.lookup.KeyValueTensorInitializer(tf.constant(self._int_keys(keys), tf.int64),
+                tf.lookup.KeyValueTensorInitializer(tf.constant(self._int_keys(features_of, values), tf.int64),
                                                     tf.constant(ids, tf.int64)),
                 default_value=-1)
         else:
             self._table = None
         vocabulary_values: Dict[str, List[bytes]] = {f.name: [] for f in categorical}
-        for key in keys:
-            index, value = int(key[:_PREFIX_WIDTH]), key[_PREFIX_WIDTH + 1:]
+        for index, value in zip(features_of, values):
             vocabulary_values[categorical[index].name].append(value)
         # Kept for check() only (a tuple: see _group_by on what tf.saved_model.save can track).
         self._vocabulary_values = tuple((name, tuple(values)) for name, values in vocabulary_values.items())
@@ -225,30 +224,34 @@ class FusedTransform(tf.Module):
                 raw[name] = tf.constant([values[i % len(values)] for i in range(rows)], tf.float32)
         return raw
 
-    def _int_keys(self, tokens: List[bytes]) -> np.ndarray:
-        """The table key of each '<feature index><US><value>' token: value fingerprint | feature range.
+    def _int_keys(self, features_of: List[int], values: List[bytes]) -> np.ndarray:
+        """The table key of each vocabulary value (of categorical feature `features_of[i]`).
 
         Why integers: looking up feature-prefixed strings meant building a [batch, C] matrix of prefix + value
         strings per call (string concatenation is the costliest op of the fused transform at batch 256);
         hashing the values and adding the feature's offset is two cheap ops.  The key is
         `to_hash_bucket_fast(value, 2**bits)` (FarmHash Fingerprint64 modulo 2**bits; bits = 63 minus the bit
-        length of the feature count, 58 for 16-31 categorical features) plus `index << bits`, so features never share a key.  Two vocabulary values of one feature
-        with one key would be looked up wrongly, so that raises FusedTransformError (the export then keeps the
-        tf.Transform graph); an unseen value lands on a vocabulary key only if its 58-bit fingerprint equals
-        one of that feature's vocabulary values' (< 1e-14 for vocabularies of a thousand values).
+        length of the feature count, 58 for 16-31 categorical features) plus `index << bits`, so features
+        never share a key.  Two vocabulary values of one feature with one key would be looked up wrongly, so
+        that raises FusedTransformError (the export then keeps the tf.Transform graph); an unseen value lands
+        on a vocabulary key only if its fingerprint equals one of that feature's vocabulary values' (< 1e-14
+        for vocabularies of a thousand values).
         """
-        index = np.array([int(t[:_PREFIX_WIDTH]) for t in tokens], np.int64)
-        values = tf.constant([t[_PREFIX_WIDTH + 1:] for t in tokens], tf.string)
-        keys = tf.strings.to_hash_bucket_fast(values, 1 << self._key_bits).numpy() + (index << self._key_bits)
+        index = np.array(features_of, np.int64)
+        keys = (tf.strings.to_hash_bucket_fast(tf.constant(values, tf.string), 1 << self._key_bits).numpy()
+                + (index << self._key_bits))
         if len(np.unique(keys)) != len(keys):
             _, first, counts = np.unique(keys, return_index=True, return_counts=True)
-            clash = tokens[int(first[np.argmax(counts > 1)])]
-            raise FusedTransformError(f"vocabulary value {clash!r} shares its {self._key_bits}-bit fingerprint "
-                                      f"with another value of its feature")
+            clash = int(first[np.argmax(counts > 1)])
+            raise FusedTransformError(f"vocabulary value {values[clash]!r} of categorical feature "
+                                      f"{features_of[clash]} shares its {self._key_bits}-bit fingerprint with "
+                                      f"another value of its feature")
         return keys
 
-    def _vocabulary(self, tokens: np.ndarray, categorical, vocab_sizes, tft_layer) -> Tuple[List[bytes], List[int]]:
-        """The (token, id) pairs of every kept vocabulary entry, ids from the tf.Transform layer itself."""
+    def _vocabulary(self, tokens: np.ndarray, categorical, vocab_sizes,
+                    tft_layer) -> Tuple[List[int], List[bytes], List[int]]:
+        """(feature index, value, id) of every kept vocabulary entry, as three lists; ids from the tf.Transform
+        layer itself."""
         values: Dict[int, List[bytes]] = {i: [] for i in range(len(categorical))}
         for token in tokens:
             token = bytes(token)
@@ -258,17 +261,18 @@ class FusedTransform(tf.Module):
             values[int(head)].append(value)
         rows = max([len(v) for v in values.values()], default=0)
         if rows == 0:
-            return [], []
+            return [], [], []
         probe = self._probe_raw({f.name: values[i] for i, f in enumerate(categorical)}, {}, rows)
         out = tft_layer(probe)
-        keys, ids = [], []
+        features_of, kept, ids = [], [], []
         for i, f in enumerate(categorical):
             got = out[transformed_name(f.name)].numpy()[:len(values[i])]
             for value, token_id in zip(values[i], got):
                 if token_id < vocab_sizes[i]:  # cut by top_k / min_frequency otherwise: an OOV id
-                    keys.append(f"{i:0{_PREFIX_WIDTH}d}{_TOKEN_SEPARATOR}".encode() + value)
+                    features_of.append(i)
+                    kept.append(value)
                     ids.append(int(token_id))
-        return keys, ids
+        return features_of, kept, ids
 
     def check(self, tft_layer, rows: int = 64) -> int:
         """Compare with the tf.Transform layer on probe rows; raises FusedTransformError on any difference.

@@ -111,19 +111,14 @@ def test_fused_transform_vocabulary_keys_are_per_feature_and_collisions_refused(
 
     tft_output = tft.TFTransformOutput(exports.transform_dir)
     fused = FusedTransform(exports.spec, tft_output, tft_output.transform_features_layer())
-    from features.transform import _PREFIX_WIDTH, _TOKEN_SEPARATOR
-
-    def token(index, value):
-        return f"{index:0{_PREFIX_WIDTH}d}{_TOKEN_SEPARATOR}{value}".encode()
-
     # The same value in two features gets two keys, each in its own feature's range.
-    keys = fused._int_keys([token(0, "same"), token(1, "same"), token(1, "other")])
+    keys = fused._int_keys([0, 1, 1], [b"same", b"same", b"other"])
     assert len(set(keys.tolist())) == 3
     assert (keys >> fused._key_bits).tolist() == [0, 1, 1]
     # With 1-bit fingerprints, three values of one feature cannot all have distinct keys.
     fused._key_bits = 1
     with pytest.raises(FusedTransformError, match="shares its 1-bit fingerprint"):
-        fused._int_keys([token(0, "a"), token(0, "b"), token(0, "c")])
+        fused._int_keys([0, 0, 0], [b"a", b"b", b"c"])
 
 
 # -- allowed_batch_sizes ------------------------------------------------------------------------------------

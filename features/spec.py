@@ -120,12 +120,6 @@ class NumericFeature:
                              f"also_bucketize too")
 
     @property
-    def num_buckets(self) -> Optional[int]:
-        """Distinct bucket ids of `bucketize` / `also_bucketize` (one more with `zero_bucket`), else None."""
-        n = self.bucketize if self.bucketize is not None else self.also_bucketize
-        return None if n is None else n + int(self.zero_bucket)
-
-    @property
     def bucket_input(self) -> Optional[str]:
         """Name of the extra bucket-id input (`also_bucketize`), else None."""
         return bucket_name(self.name) if self.also_bucketize is not None else None

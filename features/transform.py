@@ -194,7 +194,7 @@ def _bucket_values(column: tf.Tensor, raw: tf.Tensor, mean: tf.Tensor, log: bool
         return raw, tf.where(tf.math.is_nan(raw), mean, raw)
     missing = tf.math.is_nan(raw)
     amount = tf.maximum(tf.where(missing, tf.zeros_like(raw), tf.cast(column, tf.float32)), 0.0)
-    return tf.where(missing, raw, amount), tf.where(missing, tf.math.expm1(mean) + tf.zeros_like(raw), amount)
+    return tf.where(missing, raw, amount), tf.where(missing, tf.math.expm1(mean), amount)
 
 
 def _quantile_bucket(raw: tf.Tensor, filled: tf.Tensor, num_buckets: int, name: str,

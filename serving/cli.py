@@ -105,7 +105,8 @@ def build_server(args):
     manager = ModelManager(entries, batching=batching, max_batch=args.max_request_batch,
                            poll_seconds=args.file_system_poll_wait_seconds, config_path=args.model_config_file)
     return Server(manager, host=args.host, port=args.port, certificate=cert, private_key=key,
-                  max_workers=args.grpc_threads, max_concurrent_rpcs=args.max_concurrent_rpcs, split=split, prediction_logger=prediction_logger)
+                  max_workers=args.grpc_threads, max_concurrent_rpcs=args.max_concurrent_rpcs, split=split,
+                  prediction_logger=prediction_logger)
 
 
 def _ab_options(args, entries):

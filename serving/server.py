@@ -275,8 +275,7 @@ class Server:
     batcher run on a pool of `max_workers` threads.  Beyond
     `max_concurrent_rpcs` RPCs in flight, new ones get RESOURCE_EXHAUSTED
     (waiting requests cost no thread, so this bounds memory, not threads).
-    `split` (a checked
-    `TrafficSplit`) and `prediction_logger` are optional.
+    `split` (a checked `TrafficSplit`) and `prediction_logger` are optional.
     """
 
     def __init__(self, manager: ModelManager, *, host: str = "127.0.0.1", port: int = 8500,

@@ -157,13 +157,6 @@ def test_also_bucketize_adds_a_bucket_input():
     assert make_spec().input_names == make_spec().feature_names
 
 
-def test_zero_bucket_adds_one_bucket_id():
-    assert NumericFeature("x", also_bucketize=8).num_buckets == 8
-    assert NumericFeature("x", also_bucketize=8, zero_bucket=True).num_buckets == 9
-    assert NumericFeature("x", bucketize=4, zero_bucket=True).num_buckets == 5
-    assert NumericFeature("x").num_buckets is None
-
-
 @pytest.mark.parametrize("make, message", [
     (lambda: NumericFeature("x", also_bucketize=1), "also_bucketize must be an integer >= 2"),
     (lambda: NumericFeature("x", also_bucketize=True), "also_bucketize must be an integer"),

@@ -74,15 +74,16 @@ class FeatureEmbedding(keras.layers.Layer):
         # ((width, ((feature name, row offset, vocab size), ...)), ...): immutable tuples, because
         # TensorFlow's object tracking (tf.saved_model.save) rejects dicts with int keys.
         self.groups = tuple((dim, tuple(members)) for dim, members in groups.items())
-        self.tables = [keras.layers.Embedding(sum(size for _, _, size in members), dim, name=f"embed_d{dim}")
-                       for dim, members in self.groups]
-        self.group_lookups = tuple(self._group_lookup(members) for _, members in self.groups)
+        self.group_rows = tuple(sum(size for _, _, size in members) for _, members in self.groups)
+        self.tables = [keras.layers.Embedding(rows, dim, name=f"embed_d{dim}")
+                       for rows, (dim, _) in zip(self.group_rows, self.groups)]
+        self.group_lookups = tuple(self._group_lookup(rows, len(members))
+                                   for rows, (_, members) in zip(self.group_rows, self.groups))
 
-    def _group_lookup(self, members) -> str:
+    def _group_lookup(self, rows: int, num_features: int) -> str:
         if self.lookup != "auto":
             return self.lookup
-        rows = sum(size for _, _, size in members)
-        return "matmul" if rows * len(members) <= MATMUL_MAX_ROWS_X_FEATURES else "gather"
+        return "matmul" if rows * num_features <= MATMUL_MAX_ROWS_X_FEATURES else "gather"
 
     @property
     def output_dim(self) -> int:
@@ -108,20 +109,20 @@ class FeatureEmbedding(keras.layers.Layer):
         if self.numeric:
             parts.append(ops.stack([ops.reshape(ops.cast(inputs[n], self.compute_dtype), (-1,))
                                     for n in self.numeric], axis=1))
-        for table, (dim, members), lookup in zip(self.tables, self.groups, self.group_lookups):
+        for table, (dim, members), rows, lookup in zip(self.tables, self.groups, self.group_rows,
+                                                        self.group_lookups):
             ids = [ops.clip(ops.reshape(ops.cast(inputs[name], "int32"), (-1,)), 0, size - 1) + offset
                    for name, offset, size in members]
             if lookup == "matmul" and training:
-                vectors = self._matmul_lookup(table.embeddings, dim, members, ids)
+                vectors = self._matmul_lookup(table.embeddings, dim, rows, members, ids)
             else:
                 vectors = table(ops.stack(ids, axis=1))  # [batch, features in group, dim]
             parts.append(ops.reshape(ops.cast(vectors, self.compute_dtype), (-1, len(members) * dim)))
         return ops.concatenate(parts, axis=-1) if len(parts) > 1 else parts[0]
 
     @staticmethod
-    def _matmul_lookup(embeddings, dim, members, ids):
+    def _matmul_lookup(embeddings, dim, rows, members, ids):
         """`[batch, features * dim]` as multi-hot `[batch, rows]` @ block-diagonal `[rows, features * dim]`."""
-        rows = sum(size for _, _, size in members)
         # mask[r, f * dim:(f + 1) * dim] = 1 where table row r belongs to feature f.
         mask = np.zeros((rows, len(members) * dim), "float32")
         for f, (_, offset, size) in enumerate(members):

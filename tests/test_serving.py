@@ -493,6 +493,13 @@ def test_a_request_that_gives_up_leaves_its_batch(model_root, examples, stub):
     assert batch_sizes[0] == 8, batch_sizes  # 4 requests x 2 examples: the cancelled one's rows are not run
 
 
+@pytest.mark.parametrize("options", [{"max_workers": 0}, {"max_concurrent_rpcs": 0}])
+def test_server_refuses_non_positive_thread_and_rpc_limits(options):
+    # Checked before anything is bound or started, so no model manager is needed.
+    with pytest.raises(ValueError, match="max_workers and max_concurrent_rpcs must be >= 1"):
+        Server(None, port=0, **options)
+
+
 def test_declare_message_declares_once_and_round_trips():
     from serving.protos import Field, declare_message
 

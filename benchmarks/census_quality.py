@@ -46,6 +46,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.run_cache import RunCache  # noqa: E402
+
 RESULTS = Path(__file__).parent / "results"
 # MMoE paper (Ma et al. 2018) and PLE paper (Tang et al. 2020), protocol (a), best runs.
 PAPER = {
@@ -129,6 +131,22 @@ def search_axes(arch):
              ("dropout 2", [{"expert_dropout": v, "tower_dropout": v} for v in (0.0, 0.1)]),
              # Weight averaging once more: its first trial came before the money inputs and the faster schedule.
              ("ema 2", [{"ema": v} for v in (0.0, 0.99)])]
+    return axes
+
+
+def refine_axes(arch):
+    """The short coordinate search of --refine, run for every architecture from the same point (its group's
+    MMoE search result): the axes where architectures differ most, capacity and step size."""
+    width = "expert_units" if arch in ("mmoe", "omoe", "cgc", "ple") else "bottom_units"
+    widths = [(32,), (64,), (128,), (128, 64)] if width == "expert_units" else [(128,), (256,), (256, 128)]
+    axes = [("learning_rate", [{"learning_rate": v} for v in (1e-3, 2e-3, 3e-3)]),
+            (width, [{width: v} for v in widths])]
+    if arch in ("mmoe", "omoe"):
+        axes.append(("num_experts", [{"num_experts": v} for v in (4, 8, 16)]))
+    elif arch in ("cgc", "ple"):
+        axes.append(("task_experts", [{"task_experts": v} for v in (1, 2, 4)]))
+    axes += [("tower_units", [{"tower_units": v} for v in ((32,), (64,))]),
+             ("dropout", [{"expert_dropout": v, "tower_dropout": v} for v in (0.0, 0.1)])]
     return axes
 
 
@@ -320,28 +338,6 @@ def train_once(arch, settings, features, tasks, splits, seed, epochs, patience=4
     return result
 
 
-class RunCache:
-    """Training results keyed by everything that determines them; saved after every run (merged with what
-    other commands saved to the same file meanwhile, so two commands can share it)."""
-
-    def __init__(self, path, fresh=False):
-        self.path = Path(path)
-        self.runs = {} if fresh or not self.path.exists() else json.loads(self.path.read_text())
-
-    def get(self, key, compute):
-        text = json.dumps(key, sort_keys=True)
-        if text not in self.runs:
-            result = compute()
-            # Re-read before writing: another command may have added runs to the same file meanwhile.
-            if self.path.exists():
-                self.runs.update(json.loads(self.path.read_text()))
-            self.runs[text] = result
-            tmp = self.path.with_suffix(f".{os.getpid()}.tmp")
-            tmp.write_text(json.dumps(self.runs, indent=0))
-            tmp.replace(self.path)
-        return self.runs[text]
-
-
 def inputs_fingerprint(features):
     """Short hash of the transformed inputs (names, kinds, vocabulary sizes): runs on other features never match."""
     import hashlib
@@ -491,6 +487,9 @@ def main(argv=None):
     parser.add_argument("--search-archs", nargs="+", help="search only these architectures; the others take "
                         "the settings chosen for --search-like (default mmoe) in the same group")
     parser.add_argument("--search-like", default="mmoe")
+    parser.add_argument("--refine", action="store_true",
+                        help="then tune every architecture (the searched one too) with a short search "
+                        "(refine_axes) from the --search-like architecture's chosen settings, on validation")
     parser.add_argument("--epochs", type=int, default=40)
     parser.add_argument("--patience", type=int, default=4)
     parser.add_argument("--no-anchor", action="store_true")
@@ -565,12 +564,23 @@ def main(argv=None):
                     chosen_in_group[arch] = settings
                 elif args.search and args.search_like in chosen_in_group:
                     settings = dict(chosen_in_group[args.search_like])
+                if args.refine:
+                    # Every architecture, the searched one included, gets the same short search from the same
+                    # point, so none is compared at settings tuned for another.
+                    start = dict(chosen_in_group.get(args.search_like)
+                                 or {**TRAIN_DEFAULTS, **CHOSEN.get((group, args.search_like), BASE)})
+                    log(f"refine g{group} {arch} from {args.search_like}'s settings (validation {main_task} AUC, "
+                        f"seed 0)")
+                    settings, table = coordinate_search(refine_axes(arch), start,
+                                                        lambda s: run(s)["valid"][main_task]["auc"], log)
+                    search_log += [{"axis": f"refine: {a}", **key_settings(s), "valid_auc": v} for a, s, v in table]
                 runs = [run(settings, seed) for seed in range(args.seeds)]
                 for seed, r in enumerate(runs):
                     log(f"g{group} {arch} seed {seed}: test " + ", ".join(
                         f"{t.name} {r['test'][t.name]['auc']:.4f}" for t in tasks) + f" ({r['epochs']} ep)")
                 group_report["archs"][arch] = {
-                    "settings": key_settings(settings), "searched": searched, "search": search_log,
+                    "settings": key_settings(settings), "searched": searched, "refined": args.refine,
+                    "search": search_log,
                     "test": summarize(runs, tasks), "valid": summarize(runs, tasks, "valid"), "runs": runs}
     Path(args.out).write_text(json.dumps(report, indent=1))
     print(markdown(report))
@@ -582,7 +592,7 @@ def _fmt(settings):
              "bottom_units": "bottom", "tower_units": "tower", "expert_dropout": "drop", "embedding_dim": "emb",
              "use_weights": "weights", "numeric": "numeric", "schedule": "schedule", "weight_decay": "wd",
              "patience": "patience", "main_loss_weight": "main weight", "numeric_buckets": "buckets",
-             "cosine_epochs": "cosine epochs", "ema": "ema", "money": "money"}
+             "cosine_epochs": "cosine epochs", "ema": "ema", "money": "money", "task_experts": "task experts"}
     parts = []
     for k, name in short.items():
         if k in settings:
@@ -623,7 +633,9 @@ def markdown(report) -> str:
         lines.append("")
         for arch, a in g["archs"].items():
             if a["search"]:
-                lines += [f"Search, group {group} {arch} (seed 0, validation {main_task} AUC):", "",
+                kind = ("Search" + (" and refine" if a.get("refined") else "") if a["searched"]
+                        else "Refine (from the searched architecture's settings)")
+                lines += [f"{kind}, group {group} {arch} (seed 0, validation {main_task} AUC):", "",
                           "| axis | settings | valid AUC |", "|---|---|---|"]
                 lines += [f"| {row['axis']} | {_fmt(row)} | {row['valid_auc']:.4f} |" for row in a["search"]]
                 lines.append("")

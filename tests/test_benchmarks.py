@@ -2,6 +2,7 @@
 import json
 
 import numpy as np
+import pytest
 
 from mmoe import InputFeature, ModelConfig, TaskSpec, build_model
 
@@ -58,7 +59,7 @@ def test_coordinate_search_keeps_a_change_only_when_it_scores_higher():
 
 
 def test_run_cache_computes_once_and_survives_a_restart(tmp_path):
-    from benchmarks.census_quality import RunCache
+    from benchmarks.run_cache import RunCache
 
     calls = []
     cache = RunCache(tmp_path / "runs.json")
@@ -66,7 +67,12 @@ def test_run_cache_computes_once_and_survives_a_restart(tmp_path):
     again = RunCache(tmp_path / "runs.json")
     assert again.get({"arch": "mmoe", "seed": 0}, lambda: calls.append(1) or {"auc": 0.1}) == {"auc": 0.9}
     assert calls == [1]
-    assert RunCache(tmp_path / "runs.json", fresh=True).get({"arch": "mmoe", "seed": 0}, lambda: 0.1) == 0.1
+    fresh = RunCache(tmp_path / "runs.json", fresh=True)
+    assert fresh.get({"arch": "mmoe", "seed": 0}, lambda: 0.1) == 0.1
+    again.get({"arch": "mmoe", "seed": 1}, lambda: 0.5)
+    # The fresh cache read the file back when it saved, old runs included; it still recomputes them.
+    assert fresh.get({"arch": "mmoe", "seed": 1}, lambda: 0.6) == 0.6
+    assert fresh.get({"arch": "mmoe", "seed": 1}, lambda: 0.7) == 0.6
 
 
 def test_gradient_boosting_anchor_stops_at_its_best_validation_iteration():
@@ -221,3 +227,88 @@ def test_anchor_money_buckets_are_cached_apart_and_reported_with_the_best_anchor
     chosen = max(reports, key=lambda r: r["valid"]["t"]["mean"])
     assert best["settings"]["t"].get("money", "plain") == chosen["money"]
     assert best["test"]["t"] == chosen["test"]["t"]
+
+
+def test_synthetic_runs_come_from_the_cache_and_more_seeds_train_only_the_new_ones(tmp_path, capsys, monkeypatch):
+    from benchmarks import synthetic
+
+    trained = []
+
+    def fake_run(model_name, rho, seed, args, learning_rate):
+        trained.append((model_name, rho, seed))
+        return np.linspace(1.0, 0.1 + 0.01 * seed, args.epochs), 7
+
+    monkeypatch.setattr(synthetic, "run", fake_run)
+    argv = ["--rhos", "0.5", "1.0", "--models", "omoe", "mmoe", "--epochs", "3", "--out", str(tmp_path)]
+    assert synthetic.main(argv + ["--seeds", "2"]) == 0
+    assert len(trained) == 2 * 2 * 2
+    assert synthetic.main(argv + ["--seeds", "3"]) == 0
+    assert sorted(trained[8:]) == sorted((m, rho, 2) for m in ("omoe", "mmoe") for rho in (0.5, 1.0))
+    out = capsys.readouterr().out
+    assert "4 of 12 runs trained by this command" in out
+    runs = json.loads((tmp_path / "synthetic.json").read_text())["runs"]
+    assert [c[-1] for c in runs["0.5/mmoe"]] == pytest.approx([0.1, 0.11, 0.12])  # cached seeds kept their curves
+    # Another setting (here the learning rate) is another run, and --fresh retrains.
+    assert synthetic.main(argv + ["--seeds", "1", "--learning-rate", "0.003"]) == 0
+    assert synthetic.main(argv + ["--seeds", "1", "--fresh"]) == 0
+    assert len(trained) == 12 + 4 + 4
+
+
+def test_refine_tunes_the_other_architectures_from_the_chosen_settings(tmp_path, monkeypatch):
+    from benchmarks import census_quality
+    from mmoe import InputFeature, ModelConfig, TaskSpec
+    from mmoe.training import TaskData
+
+    for arch in ("single_task", "shared_bottom", "omoe", "ple"):
+        for _, changes in census_quality.refine_axes(arch):
+            for change in changes:
+                ModelConfig(**{**{k: v for k, v in census_quality.BASE.items() if k not in census_quality.TRAIN_KEYS},
+                               "arch": arch, **change})  # every candidate is a valid model setting
+
+    rng = np.random.default_rng(0)
+    data = TaskData({"a": rng.normal(size=8).astype("float32")}, {"income": np.zeros(8), "marital": np.ones(8)})
+    protocol = {"name": "single-file split", "split": "60/20/20", "seed": 0,
+                "rows": {"train": 8, "valid": 8, "test": 8}}
+    monkeypatch.setattr(census_quality, "prepare_arrays", lambda path: (
+        1, [InputFeature("a")], [TaskSpec("income"), TaskSpec("marital")],
+        {"train": data, "valid": data, "test": data}, protocol))
+
+    def fake_train(arch, settings, *args, **kwargs):
+        # Validation prefers a larger learning rate for OMoE only; test AUC tells the seeds apart.
+        auc = 0.9 + (0.01 * settings["learning_rate"] if arch == "omoe" else 0)
+        seed = args[3]
+        scores = {"income": {"auc": auc + seed * 1e-4}, "marital": {"auc": 0.99}}
+        return {"valid": scores, "test": scores, "epochs": 3, "seconds": 0.1, "params": 10}
+
+    monkeypatch.setattr(census_quality, "train_once", fake_train)
+    out = tmp_path / "report.json"
+    assert census_quality.main(["--arrays", "x.npz", "--archs", "mmoe", "omoe", "--seeds", "2", "--no-anchor",
+                                "--refine", "--cache", str(tmp_path / "runs.json"), "--out", str(out)]) == 0
+    archs = json.loads(out.read_text())["groups"]["1"]["archs"]
+    chosen = census_quality.key_settings({**census_quality.TRAIN_DEFAULTS, **census_quality.CHOSEN[(1, "mmoe")]})
+    # Both start from MMoE's chosen settings; only OMoE's validation score prefers another learning rate.
+    assert archs["mmoe"]["settings"] == chosen and archs["mmoe"]["refined"]
+    assert archs["omoe"]["refined"] and archs["omoe"]["settings"] == {**chosen, "learning_rate": 3e-3}
+    for arch in ("mmoe", "omoe"):
+        rows = archs[arch]["search"]
+        assert rows[0]["axis"] == "refine: start" and rows[0]["learning_rate"] == 2e-3
+        assert {"refine: learning_rate", "refine: expert_units", "refine: num_experts"} <= {r["axis"] for r in rows}
+    assert archs["omoe"]["test"]["income"]["runs"] == 2
+
+
+def test_serving_table_reports_the_batching_gain_and_the_best_batch_256_cell(capsys):
+    from benchmarks.serving import GRPC_CELLS, print_table
+
+    assert sorted(GRPC_CELLS) == sorted((b, c) for b in (1, 32, 256) for c in (1, 8, 32))  # the matrix
+
+    def cell(throughput):
+        return {"p50": 1.0, "p99": 2.0, "throughput": throughput, "server_cpu_ms": 0.5, "client_cpu_ms": 0.2}
+
+    rows = [("grpc", 1, 32, "xla", cell(1000.0)), ("grpc batching", 1, 32, "xla", cell(2500.0)),
+            ("grpc", 256, 1, "xla", cell(90_000.0)), ("grpc", 256, 8, "xla", cell(120_000.0)),
+            ("grpc batching", 256, 32, "xla", cell(110_000.0)), ("in-process", 256, 1, "xla", cell(500_000.0))]
+    print_table(rows)
+    out = capsys.readouterr().out
+    assert "xla: 32 batch-1 clients, batching on/off throughput = 2.50x" in out
+    assert "xla: batch 256 over gRPC, best 120,000 examples/s (grpc, 8 clients)" in out  # not the in-process row
+    assert "plain:" not in out

@@ -1,0 +1,35 @@
+"""A file of training results keyed by everything that determines them, shared by the quality benchmarks
+(census_quality.py, synthetic.py) so that an interrupted command resumes where it stopped and more seeds
+add to the runs already made instead of repeating them."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+
+class RunCache:
+    """Training results keyed by everything that determines them; saved after every run (merged with what
+    other commands saved to the same file meanwhile, so two commands can share it)."""
+
+    def __init__(self, path, fresh=False):
+        self.path = Path(path)
+        self.fresh = fresh
+        self.computed = set()  # keys computed by this instance: with `fresh`, the only ones it reuses
+        self.runs = {} if fresh or not self.path.exists() else json.loads(self.path.read_text())
+
+    def get(self, key, compute):
+        text = json.dumps(key, sort_keys=True)
+        if text in self.runs and (not self.fresh or text in self.computed):
+            return self.runs[text]
+        result = compute()
+        # Re-read before writing: another command may have added runs to the same file meanwhile (with
+        # `fresh` that brings old runs back into `runs`, which is why `computed` decides what is reused).
+        if self.path.exists():
+            self.runs.update(json.loads(self.path.read_text()))
+        self.runs[text] = result
+        self.computed.add(text)
+        tmp = self.path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(self.runs, indent=0))
+        tmp.replace(self.path)
+        return result

@@ -11,8 +11,11 @@ widths, experts, tower width, embedding width, the census instance weight, patie
 task's loss weight, the bucket count, weight averaging (EMA) and the money columns' representation
 (log scale, zero as its own bucket), then a second pass over bucket count, learning rate, cosine
 length, embedding width, widths, dropout and weight averaging (`search_axes`); each point is one
-training run, seed 0, early stopping on the main task's validation AUC), then --seeds training runs
-with the chosen settings (CHOSEN); test AUC as mean +- std and the best run.
+training run, seed 0, early stopping on the main task's validation AUC); optionally (--refine) a short
+search for every architecture from that result (learning rate, width, experts, tower, dropout:
+`refine_axes`), so no architecture is compared at settings tuned for another; then --seeds training
+runs with the chosen settings (CHOSEN, which records those results); test AUC as mean +- std and the
+best run.
 
 The anchor is scikit-learn's HistGradientBoostingClassifier (native categorical support), one
 model per task, on the same transformed features, rows and splits; like the networks it is
@@ -85,16 +88,33 @@ TRAIN_DEFAULTS = {"numeric": "zscore", "numeric_buckets": 16, "schedule": "const
 MONEY_COLUMNS = ("wage_per_hour", "capital_gains", "capital_losses", "stock_dividends")
 MONEY_MODES = ("plain", "log", "zero", "log_zero")
 TRAIN_KEYS = {"batch_size", "use_weights", *TRAIN_DEFAULTS}
-# Chosen settings per (group, arch): each group's MMoE search result (--search, seed 0; the tables print with
-# the group's command), used without --search and for Shared-Bottom as well. Group 1: validation income AUC
-# 0.9481 against 0.9411 at BASE (0.9427 before the ema/money axes and the second pass). Group 2: validation
-# education AUC 0.8949 against 0.8900 at BASE.
+# Each group's MMoE search result (--search, seed 0; the tables print with the group's command): the point
+# every architecture's --refine starts from. Group 1: validation income AUC 0.9481 against 0.9411 at BASE
+# (0.9427 before the ema/money axes and the second pass). Group 2: validation education AUC 0.8949 against
+# 0.8900 at BASE.
 _SEARCHED_G1_MMOE = {**BASE, "batch_size": 256, "numeric": "both", "numeric_buckets": 128, "schedule": "cosine",
                      "cosine_epochs": 40, "learning_rate": 2e-3, "money": "log_zero", "ema": 0.99}
 _SEARCHED_G2_MMOE = {**BASE, "learning_rate": 3e-3, "numeric": "both", "numeric_buckets": 64, "schedule": "cosine",
                      "embedding_dim": 8, "ema": 0.99, "money": "log"}
-CHOSEN: dict = {(group, arch): chosen for group, chosen in ((1, _SEARCHED_G1_MMOE), (2, _SEARCHED_G2_MMOE))
-                for arch in ("mmoe", "shared_bottom")}
+SEARCHED = {(1, "mmoe"): _SEARCHED_G1_MMOE, (2, "mmoe"): _SEARCHED_G2_MMOE}
+# What each architecture's --refine changed on its group's search result (benchmarks/results/
+# census_quality_g{1,2}.md list every point).
+REFINED = {
+    (1, "mmoe"): {"learning_rate": 3e-3, "expert_units": (128,), "expert_dropout": 0.1, "tower_dropout": 0.1},
+    (1, "shared_bottom"): {"bottom_units": (256, 128)},
+    (1, "single_task"): {"learning_rate": 3e-3, "bottom_units": (256, 128)},
+    (1, "omoe"): {"learning_rate": 3e-3, "expert_units": (128, 64)},
+    (1, "ple"): {"learning_rate": 3e-3, "expert_units": (256, 128)},
+    (2, "mmoe"): {"num_experts": 16},
+    (2, "shared_bottom"): {"learning_rate": 1e-3, "bottom_units": (256, 128), "tower_units": (64,)},
+    (2, "single_task"): {"bottom_units": (256, 128)},
+    (2, "omoe"): {"expert_units": (256, 128)},
+    (2, "ple"): {"tower_units": (64,)},
+}
+# Chosen settings per (group, arch), used without --search / --refine: the group's search result plus the
+# architecture's own refinement.
+CHOSEN: dict = {(group, arch): {**SEARCHED[(group, "mmoe")], **REFINED.get((group, arch), {})}
+                for group in (1, 2) for arch in ("single_task", "shared_bottom", "omoe", "mmoe", "ple")}
 
 
 def search_axes(arch):
@@ -138,7 +158,8 @@ def refine_axes(arch):
     """The short coordinate search of --refine, run for every architecture from the same point (its group's
     MMoE search result): the axes where architectures differ most, capacity and step size."""
     width = "expert_units" if arch in ("mmoe", "omoe", "cgc", "ple") else "bottom_units"
-    widths = [(32,), (64,), (128,), (128, 64)] if width == "expert_units" else [(128,), (256,), (256, 128)]
+    widths = ([(32,), (64,), (128,), (128, 64), (256, 128)] if width == "expert_units"
+              else [(128,), (256,), (256, 128)])
     axes = [("learning_rate", [{"learning_rate": v} for v in (1e-3, 2e-3, 3e-3)]),
             (width, [{width: v} for v in widths])]
     if arch in ("mmoe", "omoe"):
@@ -568,7 +589,7 @@ def main(argv=None):
                     # Every architecture, the searched one included, gets the same short search from the same
                     # point, so none is compared at settings tuned for another.
                     start = dict(chosen_in_group.get(args.search_like)
-                                 or {**TRAIN_DEFAULTS, **CHOSEN.get((group, args.search_like), BASE)})
+                                 or {**TRAIN_DEFAULTS, **SEARCHED.get((group, args.search_like), BASE)})
                     log(f"refine g{group} {arch} from {args.search_like}'s settings (validation {main_task} AUC, "
                         f"seed 0)")
                     settings, table = coordinate_search(refine_axes(arch), start,

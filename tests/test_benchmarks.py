@@ -285,7 +285,7 @@ def test_refine_tunes_the_other_architectures_from_the_chosen_settings(tmp_path,
     assert census_quality.main(["--arrays", "x.npz", "--archs", "mmoe", "omoe", "--seeds", "2", "--no-anchor",
                                 "--refine", "--cache", str(tmp_path / "runs.json"), "--out", str(out)]) == 0
     archs = json.loads(out.read_text())["groups"]["1"]["archs"]
-    chosen = census_quality.key_settings({**census_quality.TRAIN_DEFAULTS, **census_quality.CHOSEN[(1, "mmoe")]})
+    chosen = census_quality.key_settings({**census_quality.TRAIN_DEFAULTS, **census_quality.SEARCHED[(1, "mmoe")]})
     # Both start from MMoE's chosen settings; only OMoE's validation score prefers another learning rate.
     assert archs["mmoe"]["settings"] == chosen and archs["mmoe"]["refined"]
     assert archs["omoe"]["refined"] and archs["omoe"]["settings"] == {**chosen, "learning_rate": 3e-3}
@@ -312,3 +312,16 @@ def test_serving_table_reports_the_batching_gain_and_the_best_batch_256_cell(cap
     assert "xla: 32 batch-1 clients, batching on/off throughput = 2.50x" in out
     assert "xla: batch 256 over gRPC, best 120,000 examples/s (grpc, 8 clients)" in out  # not the in-process row
     assert "plain:" not in out
+
+
+def test_chosen_settings_are_the_ones_the_committed_census_tables_report():
+    # Without --search/--refine the script trains CHOSEN; the tables in BENCHMARKS.md come from these files.
+    from benchmarks import census_quality
+
+    for group in (1, 2):
+        report = json.loads((census_quality.RESULTS / f"census_quality_g{group}.json").read_text())
+        archs = report["groups"][str(group)]["archs"]
+        assert set(archs) == {"single_task", "shared_bottom", "omoe", "mmoe", "ple"}
+        for arch, result in archs.items():
+            chosen = {**census_quality.TRAIN_DEFAULTS, **census_quality.CHOSEN[(group, arch)]}
+            assert census_quality.key_settings(chosen) == result["settings"], (group, arch)

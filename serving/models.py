@@ -303,18 +303,25 @@ class Servable:
         if close:
             self._close()
 
-    def retire(self) -> None:
-        """No new requests will reach this version; close it when the last in-flight one ends."""
+    def retire(self, wait: bool = False) -> None:
+        """No new requests will reach this version; close it when the last in-flight one ends.
+
+        wait: if none is in flight, stop the batch threads before returning (at server shutdown, so that no
+        batch thread is left running while Python finalizes); otherwise they stop in the background.
+        """
         with self._lock:
             self._retired = True
             close = self._refs == 0
         if close:
-            self._close()
+            self._close(wait)
 
-    def _close(self) -> None:
-        # Stopping a batcher drains its queue first; done off the request thread.
+    def _close(self, wait: bool = False) -> None:
+        # Stopping a batcher drains its queue first; done off the request thread unless asked to wait.
         batchers, self._batchers = self._batchers, {}
-        if batchers:
+        if batchers and wait:
+            for b in batchers.values():
+                b.stop()
+        elif batchers:
             threading.Thread(target=lambda: [b.stop() for b in batchers.values()], daemon=True).start()
 
 
@@ -481,7 +488,7 @@ class ModelManager:
             for m in self._models.values():
                 m.servables = {}
         for s in servables:
-            s.retire()
+            s.retire(wait=True)
 
     def _poll_loop(self) -> None:
         while not self._stop.wait(self._poll_seconds):

@@ -29,6 +29,7 @@ off the request path.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import signal
 import threading
@@ -353,13 +354,21 @@ class Server:
         self._stopped.set()
         self._set_health(False)
         # stop() refuses new RPCs at once and waits for in-flight ones up to `grace`, then cancels them.
-        self._on_loop(self._server.stop(grace))
+        self._on_loop(self._release_server(grace))
         self.manager.stop()
         self._executor.shutdown(wait=True)
         if self.prediction_logger is not None:
             self.prediction_logger.close()
         self._close_loop()
         self._done.set()
+
+    async def _release_server(self, grace: float) -> None:
+        await self._server.stop(grace)
+        # grpc.aio stops its completion-queue poller thread only when its last server (or channel) object is
+        # freed. Left to interpreter exit, that daemon thread can take the GIL while Python finalizes, which
+        # aborts the process ("FATAL: exception not rethrown", exit -6) after a clean drain.
+        self._server = None
+        gc.collect()
 
     def _close_loop(self) -> None:
         self._loop.call_soon_threadsafe(self._loop.stop)

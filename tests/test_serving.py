@@ -474,6 +474,7 @@ def test_waiting_requests_hold_no_thread(model_root, examples, stub):
 def test_a_request_that_gives_up_leaves_its_batch(model_root, examples, stub):
     """A client whose deadline passes while its request waits in the batch queue gets DEADLINE_EXCEEDED; its
     batch-mates are answered, without its row, and the server goes on serving."""
+    threads_before = set(threading.enumerate())
     srv, batch_sizes = _server_recording_batches(model_root, batch_timeout_micros=1_500_000)
     try:
         with grpc.insecure_channel(f"127.0.0.1:{srv.port}") as ch:
@@ -486,6 +487,9 @@ def test_a_request_that_gives_up_leaves_its_batch(model_root, examples, stub):
             after = outputs_of(batched.Predict(predict_request("plain", examples_input(examples[:3])), timeout=60))
     finally:
         srv.stop(1)
+    # stop() leaves none of its threads behind (batch threads, model pool, event loop, grpc.aio's poller): a
+    # daemon thread still running while the `mmoe serve` process finalizes Python can abort it.
+    assert [t.name for t in threading.enumerate() if t not in threads_before and t.is_alive()] == []
     for i in range(1, 5):
         want = outputs_of(stub.Predict(predict_request("plain", examples_input(examples[2 * i:2 * i + 2]))))
         np.testing.assert_allclose(got[i]["income"], want["income"], atol=1e-6)

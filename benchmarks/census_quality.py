@@ -117,13 +117,18 @@ CHOSEN: dict = {(group, arch): {**SEARCHED[(group, "mmoe")], **REFINED.get((grou
                 for group in (1, 2) for arch in ("single_task", "shared_bottom", "omoe", "mmoe", "ple")}
 
 
+def width_axis(arch):
+    """The setting that sizes an architecture's hidden layers: its experts' widths, or its bottom's."""
+    return "expert_units" if arch in ("mmoe", "omoe", "cgc", "ple") else "bottom_units"
+
+
 def search_axes(arch):
     """The coordinate search: (axis name, candidate changes), tried in this order from the best point so far.
 
     Kept short because each point is a full training run on a shared 2-core machine (about 5 minutes each
     there); the axes are the ones expected to matter most on 60k rows: regularisation, then width.
     """
-    width = "expert_units" if arch in ("mmoe", "omoe", "cgc", "ple") else "bottom_units"
+    width = width_axis(arch)
     widths = [(32,), (64,), (128,), (128, 64)] if width == "expert_units" else [(128,), (256,), (256, 128)]
     axes = [("numeric", [{"numeric": v} for v in ("zscore", "buckets", "both")]),
             ("learning_rate", [{"learning_rate": v} for v in (1e-3, 3e-4, 3e-3)]),
@@ -157,7 +162,7 @@ def search_axes(arch):
 def refine_axes(arch):
     """The short coordinate search of --refine, run for every architecture from the same point (its group's
     MMoE search result): the axes where architectures differ most, capacity and step size."""
-    width = "expert_units" if arch in ("mmoe", "omoe", "cgc", "ple") else "bottom_units"
+    width = width_axis(arch)
     widths = ([(32,), (64,), (128,), (128, 64), (256, 128)] if width == "expert_units"
               else [(128,), (256,), (256, 128)])
     axes = [("learning_rate", [{"learning_rate": v} for v in (1e-3, 2e-3, 3e-3)]),

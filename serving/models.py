@@ -318,11 +318,15 @@ class Servable:
     def _close(self, wait: bool = False) -> None:
         # Stopping a batcher drains its queue first; done off the request thread unless asked to wait.
         batchers, self._batchers = self._batchers, {}
-        if batchers and wait:
+
+        def stop_all():
             for b in batchers.values():
                 b.stop()
+
+        if wait:
+            stop_all()
         elif batchers:
-            threading.Thread(target=lambda: [b.stop() for b in batchers.values()], daemon=True).start()
+            threading.Thread(target=stop_all, daemon=True).start()
 
 
 class VersionStatus:

@@ -12,8 +12,8 @@ task's loss weight, the bucket count, weight averaging (EMA) and the money colum
 (log scale, zero as its own bucket), then a second pass over bucket count, learning rate, cosine
 length, embedding width, widths, dropout and weight averaging (`search_axes`); each point is one
 training run, seed 0, early stopping on the main task's validation AUC); optionally (--refine) a short
-search for every architecture from that result (learning rate, width, experts, tower, dropout:
-`refine_axes`), so no architecture is compared at settings tuned for another; then --seeds training
+search for every architecture from that result (learning rate, width, experts, tower, dropout,
+DCN-v2 cross layers in front of the experts: `refine_axes`), so no architecture is compared at settings tuned for another; then --seeds training
 runs with the chosen settings (CHOSEN, which records those results); test AUC as mean +- std and the
 best run.
 
@@ -100,16 +100,17 @@ SEARCHED = {(1, "mmoe"): _SEARCHED_G1_MMOE, (2, "mmoe"): _SEARCHED_G2_MMOE}
 # What each architecture's --refine changed on its group's search result (benchmarks/results/
 # census_quality_g{1,2}.md list every point).
 REFINED = {
-    (1, "mmoe"): {"learning_rate": 3e-3, "expert_units": (128,), "expert_dropout": 0.1, "tower_dropout": 0.1},
-    (1, "shared_bottom"): {"bottom_units": (256, 128)},
-    (1, "single_task"): {"learning_rate": 3e-3, "bottom_units": (256, 128)},
-    (1, "omoe"): {"learning_rate": 3e-3, "expert_units": (128, 64)},
-    (1, "ple"): {"learning_rate": 3e-3, "expert_units": (256, 128)},
-    (2, "mmoe"): {"num_experts": 16},
+    (1, "mmoe"): {"learning_rate": 3e-3, "expert_units": (128,), "expert_dropout": 0.1, "tower_dropout": 0.1,
+                  "cross_layers": 3},
+    (1, "shared_bottom"): {"bottom_units": (256, 128), "cross_layers": 2},
+    (1, "single_task"): {"learning_rate": 3e-3, "bottom_units": (256, 128), "cross_layers": 2},
+    (1, "omoe"): {"learning_rate": 3e-3, "expert_units": (128, 64), "cross_layers": 2},
+    (1, "ple"): {"learning_rate": 3e-3, "expert_units": (256, 128), "cross_layers": 2},
+    (2, "mmoe"): {"num_experts": 16, "cross_layers": 1},
     (2, "shared_bottom"): {"learning_rate": 1e-3, "bottom_units": (256, 128), "tower_units": (64,)},
-    (2, "single_task"): {"bottom_units": (256, 128)},
+    (2, "single_task"): {"bottom_units": (256, 128), "cross_layers": 3},
     (2, "omoe"): {"expert_units": (256, 128)},
-    (2, "ple"): {"tower_units": (64,)},
+    (2, "ple"): {"tower_units": (64,), "cross_layers": 3},
 }
 # Chosen settings per (group, arch), used without --search / --refine: the group's search result plus the
 # architecture's own refinement.
@@ -172,7 +173,10 @@ def refine_axes(arch):
     elif arch in ("cgc", "ple"):
         axes.append(("task_experts", [{"task_experts": v} for v in (1, 2, 4)]))
     axes += [("tower_units", [{"tower_units": v} for v in ((32,), (64,))]),
-             ("dropout", [{"expert_dropout": v, "tower_dropout": v} for v in (0.0, 0.1)])]
+             ("dropout", [{"expert_dropout": v, "tower_dropout": v} for v in (0.0, 0.1)]),
+             # DCN-v2 cross layers in front of the experts (or bottom): last, because they came after the other
+             # axes had been run (every earlier point stays a cached run).
+             ("cross_layers", [{"cross_layers": v} for v in (1, 2, 3)])]
     return axes
 
 
@@ -618,7 +622,8 @@ def _fmt(settings):
              "bottom_units": "bottom", "tower_units": "tower", "expert_dropout": "drop", "embedding_dim": "emb",
              "use_weights": "weights", "numeric": "numeric", "schedule": "schedule", "weight_decay": "wd",
              "patience": "patience", "main_loss_weight": "main weight", "numeric_buckets": "buckets",
-             "cosine_epochs": "cosine epochs", "ema": "ema", "money": "money", "task_experts": "task experts"}
+             "cosine_epochs": "cosine epochs", "ema": "ema", "money": "money", "task_experts": "task experts",
+             "cross_layers": "cross"}
     parts = []
     for k, name in short.items():
         if k in settings:

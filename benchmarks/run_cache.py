@@ -3,6 +3,7 @@
 add to the runs already made instead of repeating them."""
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 from pathlib import Path
@@ -25,11 +26,14 @@ class RunCache:
         result = compute()
         # Re-read before writing: another command may have added runs to the same file meanwhile (with
         # `fresh` that brings old runs back into `runs`, which is why `computed` decides what is reused).
-        if self.path.exists():
-            self.runs.update(json.loads(self.path.read_text()))
-        self.runs[text] = result
-        self.computed.add(text)
-        tmp = self.path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(self.runs, indent=0))
-        tmp.replace(self.path)
+        # The lock makes read-merge-write one step, so two commands finishing a run together lose neither.
+        with open(self.path.with_suffix(".lock"), "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if self.path.exists():
+                self.runs.update(json.loads(self.path.read_text()))
+            self.runs[text] = result
+            self.computed.add(text)
+            tmp = self.path.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(self.runs, indent=0))
+            tmp.replace(self.path)
         return result

@@ -104,13 +104,13 @@ def process_cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def start_server(base=None, name=None, batching_file=None, config_file=None):
+def start_server(base=None, name=None, batching_file=None, config_file=None, extra_args=()):
     """`mmoe serve` in a subprocess on a free port, for one model (base, name) or a model config file."""
     from serving.testing import start_serve_process
 
     models = ["--model-config-file", config_file] if config_file else ["--model-base-path", base, "--model-name", name]
     return start_serve_process([*models, "--port", "0", *(["--batching-parameters-file", batching_file]
-                                                          if batching_file else [])])
+                                                          if batching_file else []), *extra_args])
 
 
 def bench_grpc(address, name, examples, batch, clients, seconds, server_pid=None, client="aio"):
@@ -239,6 +239,10 @@ def main(argv=None) -> int:
     parser.add_argument("--max-batch-size", type=int, default=256)
     parser.add_argument("--client", choices=["aio", "threads"], default="aio",
                         help="gRPC clients as coroutines on one asyncio loop (default) or one thread each")
+    parser.add_argument("--intra-op-threads", type=int, default=0,
+                        help="the server's --tensorflow-intra-op-parallelism (0: TensorFlow's choice)")
+    parser.add_argument("--inter-op-threads", type=int, default=0,
+                        help="the server's --tensorflow-inter-op-parallelism (0: TensorFlow's choice)")
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args(argv)
 
@@ -261,6 +265,8 @@ def main(argv=None) -> int:
                      f"batch_timeout_micros {{ value: {args.batch_timeout_micros} }}\n"
                      f"max_enqueued_batches {{ value: 1000 }}\nnum_batch_threads {{ value: 2 }}\n")
 
+        server_args = ["--tensorflow-intra-op-parallelism", str(args.intra_op_threads),
+                       "--tensorflow-inter-op-parallelism", str(args.inter_op_threads)]
         load_before = os.getloadavg()
         rows = []  # (mode, batch, clients, export, result)
         for export, path in dirs.items():
@@ -271,7 +277,7 @@ def main(argv=None) -> int:
                 print(".", end="", flush=True)
             for batching in (False, True):
                 process, address = start_server(os.path.dirname(path), export,
-                                                batching_file if batching else None)
+                                                batching_file if batching else None, extra_args=server_args)
                 try:
                     mode = "grpc batching" if batching else "grpc"
                     for batch, clients in GRPC_CELLS:

@@ -109,6 +109,10 @@ class ModelConfig:
         top_k: experts kept per example by a noisy top-k gate.
         balance_loss_weight: weight of the load-balancing auxiliary loss
             (squared coefficient of variation of expert importance).
+        cross_layers: DCN-v2 cross layers on the embedded input, shared by
+            every expert, bottom and gate (0: none; see
+            `mmoe.layers.FeatureCross`). Single-Task gets its own per task.
+        cross_rank: rank of each cross layer's matrix; 0 for full rank.
         embedding_dim: width cap for categorical embeddings.
         embedding_lookup: "auto", "gather" or "matmul": how embedding tables
             are read (same values; see `mmoe.layers.FeatureEmbedding`).
@@ -131,6 +135,8 @@ class ModelConfig:
     gate_temperature: float = 1.0
     top_k: int = 2
     balance_loss_weight: float = 0.0
+    cross_layers: int = 0
+    cross_rank: int = 0
     embedding_dim: int = 16
     embedding_lookup: str = "auto"
     mixed_precision: bool = False
@@ -167,6 +173,9 @@ class ModelConfig:
                 raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
         if self.balance_loss_weight < 0:
             raise ValueError(f"balance_loss_weight must be >= 0, got {self.balance_loss_weight}")
+        if self.cross_layers < 0 or self.cross_rank < 0:
+            raise ValueError(f"cross_layers and cross_rank must be >= 0, got {self.cross_layers} and "
+                             f"{self.cross_rank}")
         if self.embedding_lookup not in EMBEDDING_LOOKUPS:
             raise ValueError(f"embedding_lookup must be one of {EMBEDDING_LOOKUPS}, got {self.embedding_lookup!r}")
         if self.learning_rate <= 0:

@@ -6,7 +6,8 @@ dict of `[batch]` inputs and a dict of `[batch]` outputs, one per task.
 `with_gate_outputs(model)` adds each task's `[batch, E]` gate weights as
 `"<task>_gates"` outputs, sharing the weights (for analysis and serving).
 
-Architectures (all share the input embedding):
+Architectures (all share the input embedding, and the optional DCN-v2 cross
+layers on it, `config.cross_layers`):
 - `mmoe`: experts shared by all tasks, one gate and one tower per task
   (Ma et al., KDD 2018).
 - `omoe`: the same experts with one gate shared by all tasks.
@@ -25,7 +26,7 @@ from typing import Sequence
 import keras
 
 from mmoe.config import InputFeature, ModelConfig, TaskSpec
-from mmoe.layers import MLP, ExpertBank, ExpertMixture, FeatureEmbedding, Gate, TaskHead
+from mmoe.layers import MLP, ExpertBank, ExpertMixture, FeatureCross, FeatureEmbedding, Gate, TaskHead
 
 GATES_SUFFIX = "_gates"
 MIXTURE_PREFIX = "mixture_"
@@ -67,8 +68,12 @@ def build_model(config: ModelConfig, features: Sequence[InputFeature], tasks: Se
     feature_dicts = [f.to_dict() for f in features]
 
     def embed(suffix=""):
-        return FeatureEmbedding(feature_dicts, max_embedding_dim=config.embedding_dim, lookup=config.embedding_lookup,
-                                name=f"embedding{suffix}")(inputs)
+        x = FeatureEmbedding(feature_dicts, max_embedding_dim=config.embedding_dim, lookup=config.embedding_lookup,
+                             name=f"embedding{suffix}")(inputs)
+        if config.cross_layers:
+            x = FeatureCross(config.cross_layers, projection_dim=config.cross_rank or None, dtype=compute,
+                             name=f"cross{suffix}")(x)
+        return x
 
     def experts(n, suffix):
         return ExpertBank(n, config.expert_units, activation=config.expert_activation,

@@ -58,6 +58,8 @@ MODEL_FLAGS = {
     "--gate-temperature": ("gate_temperature", float, "softmax temperature of the gates"),
     "--top-k": ("top_k", int, "experts kept per example by noisy_top_k gates"),
     "--balance-loss-weight": ("balance_loss_weight", float, "weight of the load-balancing loss"),
+    "--cross-layers": ("cross_layers", int, "DCN-v2 cross layers on the embedded input, before the experts (0: none)"),
+    "--cross-rank": ("cross_rank", int, "rank of each cross layer's matrix (0: full)"),
     "--embedding-dim": ("embedding_dim", int, "cap on categorical embedding widths"),
     "--learning-rate": ("learning_rate", float, "Adam learning rate"),
 }

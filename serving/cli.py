@@ -32,6 +32,12 @@ def add_commands(subparsers) -> None:
     serve.add_argument("--grpc-threads", type=int, default=16,
                        help="threads that run model calls which do not go through a batcher (requests themselves "
                             "are served by one asyncio event loop)")
+    serve.add_argument("--tensorflow-intra-op-parallelism", type=int, default=0, metavar="N",
+                       help="threads one TensorFlow op may use (TF Serving's --tensorflow_intra_op_parallelism); "
+                            "0: TensorFlow's choice, one per core (see serving/README.md for when 1 helps)")
+    serve.add_argument("--tensorflow-inter-op-parallelism", type=int, default=0, metavar="N",
+                       help="TensorFlow ops run at once (TF Serving's --tensorflow_inter_op_parallelism); 0: "
+                            "TensorFlow's choice")
     serve.add_argument("--max-concurrent-rpcs", type=int, default=1024,
                        help="RPCs in flight at once; more get RESOURCE_EXHAUSTED")
     serve.add_argument("--drain-seconds", type=float, default=10.0,
@@ -75,7 +81,7 @@ def _read(path: str, what: str) -> bytes:
 def build_server(args):
     """The Server an `mmoe serve` command line describes (not started)."""
     from serving.config import BatchingParameters, ModelEntry, load_batching_parameters, load_model_config
-    from serving.models import ModelManager
+    from serving.models import ModelManager, set_tensorflow_threads
     from serving.server import Server
 
     if args.model_config_file:
@@ -94,6 +100,10 @@ def build_server(args):
     for flag in ("max_request_batch", "grpc_threads", "max_concurrent_rpcs"):
         if getattr(args, flag) < 1:
             raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    for flag in ("tensorflow_intra_op_parallelism", "tensorflow_inter_op_parallelism"):
+        if getattr(args, flag) < 0:
+            raise ValueError(f"--{flag.replace('_', '-')} must be >= 0 (0: TensorFlow's choice), "
+                             f"got {getattr(args, flag)}")
     if not 0 <= args.port <= 65535:
         raise ValueError(f"--port must be in 0..65535, got {args.port}")
     cert = key = None
@@ -102,6 +112,7 @@ def build_server(args):
             raise ValueError("TLS needs both --ssl-cert and --ssl-key")
         cert, key = _read(args.ssl_cert, "--ssl-cert"), _read(args.ssl_key, "--ssl-key")
     split, prediction_logger = _ab_options(args, entries)
+    set_tensorflow_threads(args.tensorflow_intra_op_parallelism, args.tensorflow_inter_op_parallelism)
     manager = ModelManager(entries, batching=batching, max_batch=args.max_request_batch,
                            poll_seconds=args.file_system_poll_wait_seconds, config_path=args.model_config_file)
     return Server(manager, host=args.host, port=args.port, certificate=cert, private_key=key,
@@ -150,6 +161,9 @@ def cmd_serve(args) -> int:
         for version, status in server.manager.statuses(name):
             print(f"model {name} version {version}: "
                   f"{'AVAILABLE' if status.state == 30 else 'FAILED: ' + status.error_message}", flush=True)
+    from serving.models import tensorflow_threads
+    intra, inter = tensorflow_threads()
+    print(f"TensorFlow threads: intra-op {intra or 'auto'}, inter-op {inter or 'auto'}", flush=True)
     print(f"serving on {server.host}:{server.port} ({'TLS' if args.ssl_cert else 'plaintext'})", flush=True)
     server.wait()
     print("server stopped", flush=True)

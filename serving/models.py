@@ -43,6 +43,32 @@ WARMUP_FILE = os.path.join("assets.extra", "tf_serving_warmup_requests")
 EXPORT_INFO = os.path.join("assets.extra", "mmoe_export.json")
 
 
+def set_tensorflow_threads(intra_op: int = 0, inter_op: int = 0) -> None:
+    """Thread pools of the TensorFlow runtime (0 leaves TensorFlow's default, one thread per core).
+
+    They can only be set before TensorFlow runs its first op, so the server sets them before loading a model.
+    On a few cores, 1 can serve more small requests (a batch-1 op gains little from more threads, which compete
+    with the event loop for the cores) and fewer large ones (XLA's batch-256 loops then run on one core).
+    """
+    import tensorflow as tf
+
+    try:
+        if intra_op:
+            tf.config.threading.set_intra_op_parallelism_threads(intra_op)
+        if inter_op:
+            tf.config.threading.set_inter_op_parallelism_threads(inter_op)
+    except RuntimeError as err:
+        raise RuntimeError(f"TensorFlow's thread pools must be set before it runs anything: {err}") from None
+
+
+def tensorflow_threads() -> Tuple[int, int]:
+    """(intra-op, inter-op) threads TensorFlow was configured with; 0 is its default."""
+    import tensorflow as tf
+
+    return (tf.config.threading.get_intra_op_parallelism_threads(),
+            tf.config.threading.get_inter_op_parallelism_threads())
+
+
 def select_outputs(outputs: Dict[str, np.ndarray], output_filter: Optional[List[str]]) -> Dict[str, np.ndarray]:
     """The outputs `output_filter` names (all of them when it is empty), in its order."""
     return {k: outputs[k] for k in output_filter} if output_filter else outputs

@@ -71,8 +71,9 @@ def raw_columns(frame, spec) -> Dict[str, np.ndarray]:
 def start_serve_process(serve_args: List[str], timeout: float = 300.0):
     """`mmoe serve <serve_args>` in a subprocess; returns (process, "host:port") once it prints "serving on".
 
-    Pass `--port 0` to get a free port.  The caller stops the process.  Raises RuntimeError (after killing it)
-    if the server exits or does not start within `timeout` seconds.
+    Pass `--port 0` to get a free port.  The caller stops the process; `process.startup_lines` holds what it
+    printed before.  Raises RuntimeError (after killing it) if the server exits or does not start within
+    `timeout` seconds.
     """
     import queue
     import subprocess
@@ -83,6 +84,7 @@ def start_serve_process(serve_args: List[str], timeout: float = 300.0):
     process = subprocess.Popen([sys.executable, "-m", "pipelines.cli", "serve", *serve_args],
                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=repo,
                                env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
+    process.startup_lines = []
     lines: "queue.Queue[str]" = queue.Queue()
     threading.Thread(target=lambda: [lines.put(line) for line in process.stdout], daemon=True).start()
     deadline = time.time() + timeout
@@ -93,6 +95,7 @@ def start_serve_process(serve_args: List[str], timeout: float = 300.0):
             continue
         if line.startswith("serving on "):
             return process, line.split()[2]
+        process.startup_lines.append(line.rstrip("\n"))
     process.kill()
     process.wait(30)
     raise RuntimeError(f"mmoe serve {' '.join(serve_args)} did not start")

@@ -75,6 +75,30 @@ def test_run_cache_computes_once_and_survives_a_restart(tmp_path):
     assert fresh.get({"arch": "mmoe", "seed": 1}, lambda: 0.7) == 0.6
 
 
+def _add_runs(path, worker, count):
+    from benchmarks.run_cache import RunCache
+
+    cache = RunCache(path)
+    for i in range(count):
+        cache.get({"worker": worker, "i": i}, lambda: {"pad": "x" * 1000})
+
+
+def test_run_cache_commands_saving_at_once_lose_no_run(tmp_path):
+    # Two processes saving to one file: each save is read-merge-write under a lock, so none overwrites the other's
+    # runs (without the lock some are lost: the file is large enough that the writes overlap).
+    import multiprocessing
+
+    path = tmp_path / "runs.json"
+    context = multiprocessing.get_context("spawn")
+    workers = [context.Process(target=_add_runs, args=(path, w, 60)) for w in range(3)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join(120)
+    assert [w.exitcode for w in workers] == [0, 0, 0]
+    assert len(json.loads(path.read_text())) == 180
+
+
 def test_gradient_boosting_anchor_stops_at_its_best_validation_iteration():
     from benchmarks import census_quality
     from mmoe import InputFeature

@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 from keras import ops
 
-from mmoe.layers import MLP, ExpertBank, ExpertMixture, FeatureEmbedding, Gate, TaskHead, importance_cv_squared
+from mmoe.layers import (MLP, ExpertBank, ExpertMixture, FeatureCross, FeatureEmbedding, Gate, TaskHead,
+                         importance_cv_squared)
 
 
 def _np(x):
@@ -161,10 +162,48 @@ def test_task_head_outputs():
     MLP([8, 4], dropout=0.2),
     TaskHead("regression"),
     FeatureEmbedding([{"name": "c", "kind": "categorical", "vocab_size": 9, "embedding_dim": None}]),
+    FeatureCross(3, projection_dim=4),
 ])
 def test_layer_config_round_trip(layer):
     clone = layer.__class__.from_config(layer.get_config())
     assert clone.get_config() == layer.get_config()
+
+
+@pytest.mark.parametrize("rank", [None, 2])
+def test_feature_cross_is_the_dcn_v2_recurrence(rank):
+    rng = np.random.default_rng(0)
+    x0 = rng.normal(size=(5, 6)).astype("float32")
+    layer = FeatureCross(2, projection_dim=rank)
+    layer.build(x0.shape)
+    for w in layer.weights:  # non-zero biases too, so the test sees where they enter
+        w.assign(rng.normal(size=w.shape).astype("float32") * 0.5)
+    x = x0
+    for i in range(2):
+        kernel = _np(layer.down[i]) if rank is None else _np(layer.down[i]) @ _np(layer.up[i])
+        x = x0 * (x @ kernel + _np(layer.bias[i])) + x
+    np.testing.assert_allclose(_np(layer(x0)), x, rtol=1e-5, atol=1e-5)
+    # Full rank holds a d x d matrix per layer; rank r two d x r factors.
+    assert layer.count_params() == 2 * ((6 * 6) if rank is None else (2 * 6 * rank)) + 2 * 6
+
+
+def test_feature_cross_fits_a_product_a_linear_model_cannot():
+    # y = x1 * x2 is degree 2: one cross layer holds it exactly, a linear model not at all.
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(4096, 2)).astype("float32")
+    y = x[:, 0] * x[:, 1]
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((2,))
+    model = keras.Model(inputs, keras.layers.Dense(1)(FeatureCross(1)(inputs)))
+    model.compile(keras.optimizers.Adam(0.05), "mse")
+    model.fit(x, y, epochs=30, batch_size=256, verbose=0)
+    assert model.evaluate(x, y, verbose=0) < 0.01 * np.var(y)
+
+
+def test_feature_cross_rejects_bad_arguments():
+    with pytest.raises(ValueError, match="num_layers"):
+        FeatureCross(0)
+    with pytest.raises(ValueError, match="projection_dim"):
+        FeatureCross(1, projection_dim=0)
 
 
 def test_model_saves_as_tensorflow_saved_model(tmp_path):

@@ -128,6 +128,8 @@ def test_config_validation_and_round_trip():
         ModelConfig.from_dict({"experts": 3})
     with pytest.raises(ValueError, match="gate_temperature"):
         ModelConfig(gate_temperature=-1)
+    with pytest.raises(ValueError, match="cross_layers and cross_rank"):
+        ModelConfig(cross_layers=-1)
     with pytest.raises(ValueError, match="embedding_lookup must be one of"):
         ModelConfig(embedding_lookup="dense")
     with pytest.raises(ValueError, match="kind"):
@@ -142,6 +144,29 @@ def test_builder_rejects_bad_tasks(toy):
         build_model(ModelConfig(), features, [TaskSpec("a")])
     with pytest.raises(ValueError, match="at least one task"):
         build_model(ModelConfig(), features, [])
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_cross_layers_sit_between_embedding_and_experts(arch, toy, tmp_path):
+    features, tasks, train, test = toy
+    config = ModelConfig(arch=arch, cross_layers=2, cross_rank=3, **SMALL)
+    model = build_model(config, features, tasks)
+    crosses = [layer for layer in model.layers if layer.__class__.__name__ == "FeatureCross"]
+    # One cross network shared by every task; Single-Task's networks share nothing, crosses included.
+    assert len(crosses) == (len(tasks) if arch == "single_task" else 1)
+    for cross in crosses:
+        assert cross.num_layers == 2 and cross.projection_dim == 3
+        assert cross.input.shape[-1] == model.get_layer(cross.name.replace("cross", "embedding")).output.shape[-1]
+    assert not any(layer.__class__.__name__ == "FeatureCross"
+                   for layer in build_model(ModelConfig(arch=arch, **SMALL), features, tasks).layers)
+    model = compile_model(model, config, tasks)
+    fit(model, tasks, train.take(np.arange(512)), epochs=1, batch_size=128, verbose=0)
+    path = tmp_path / "cross.keras"
+    model.save(path)
+    loaded = keras.saving.load_model(path)
+    before, after = predict(model, test.inputs), predict(loaded, test.inputs)
+    for name in before:
+        np.testing.assert_array_equal(before[name], after[name])
 
 
 def test_embedding_lookup_setting_reaches_the_embedding_layer(toy):

@@ -98,9 +98,13 @@ def test_serve_process_predict_cli_and_sigterm_drain(exports, base_path, tmp_pat
     batching.write_text("max_batch_size { value: 64 }\nbatch_timeout_micros { value: 3000000 }\n"
                         "num_batch_threads { value: 1 }\n")
     process, address = start_serve_process(["--model-base-path", str(base_path), "--model-name", "census",
-                                            "--port", "0", "--batching-parameters-file", str(batching)])
+                                            "--port", "0", "--batching-parameters-file", str(batching),
+                                            "--tensorflow-intra-op-parallelism", "1",
+                                            "--tensorflow-inter-op-parallelism", "2"])
     try:
         assert address.startswith("127.0.0.1:")
+        # The thread pools as TensorFlow reports them once the model is loaded.
+        assert "TensorFlow threads: intra-op 1, inter-op 2" in process.startup_lines, process.startup_lines
 
         # mmoe predict --csv, through the CLI entry point.
         csv_path = _write_csv(exports.frame.iloc[:5], tmp_path / "rows.csv")
@@ -149,6 +153,8 @@ def test_serve_process_predict_cli_and_sigterm_drain(exports, base_path, tmp_pat
     (["serve", "--model-base-path", ".", "--model-name", "m", "--grpc-threads", "0"], "--grpc-threads must be >= 1"),
     (["serve", "--model-base-path", ".", "--model-name", "m", "--max-concurrent-rpcs", "0"],
      "--max-concurrent-rpcs must be >= 1"),
+    (["serve", "--model-base-path", ".", "--model-name", "m", "--tensorflow-intra-op-parallelism", "-1"],
+     "--tensorflow-intra-op-parallelism must be >= 0"),
 ])
 def test_serve_argument_errors(argv, message, capsys):
     assert main(argv) == 2

@@ -13,9 +13,9 @@ task's loss weight, the bucket count, weight averaging (EMA) and the money colum
 length, embedding width, widths, dropout and weight averaging (`search_axes`); each point is one
 training run, seed 0, early stopping on the main task's validation AUC); optionally (--refine) a short
 search for every architecture from that result (learning rate, width, experts, tower, dropout,
-DCN-v2 cross layers in front of the experts: `refine_axes`), so no architecture is compared at settings tuned for another; then --seeds training
-runs with the chosen settings (CHOSEN, which records those results); test AUC as mean +- std and the
-best run.
+DCN-v2 cross layers in front of the experts: `refine_axes`), so no architecture is compared at
+settings tuned for another; then --seeds training runs with the chosen settings (CHOSEN, which
+records those results); test AUC as mean +- std and the best run.
 
 The anchor is scikit-learn's HistGradientBoostingClassifier (native categorical support), one
 model per task, on the same transformed features, rows and splits; like the networks it is

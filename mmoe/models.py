@@ -71,8 +71,8 @@ def build_model(config: ModelConfig, features: Sequence[InputFeature], tasks: Se
         x = FeatureEmbedding(feature_dicts, max_embedding_dim=config.embedding_dim, lookup=config.embedding_lookup,
                              name=f"embedding{suffix}")(inputs)
         if config.cross_layers:
-            x = FeatureCross(config.cross_layers, projection_dim=config.cross_rank or None, dtype=compute,
-                             name=f"cross{suffix}")(x)
+            # float32 like the embedding: the gates read this too, and they stay float32 under mixed precision.
+            x = FeatureCross(config.cross_layers, projection_dim=config.cross_rank or None, name=f"cross{suffix}")(x)
         return x
 
     def experts(n, suffix):

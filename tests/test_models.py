@@ -159,6 +159,9 @@ def test_cross_layers_sit_between_embedding_and_experts(arch, toy, tmp_path):
         assert cross.input.shape[-1] == model.get_layer(cross.name.replace("cross", "embedding")).output.shape[-1]
     assert not any(layer.__class__.__name__ == "FeatureCross"
                    for layer in build_model(ModelConfig(arch=arch, **SMALL), features, tasks).layers)
+    # Under mixed precision the crosses stay float32, like the embedding and the gates that read them.
+    mixed = build_model(config.replace(mixed_precision=True), features, tasks)
+    assert {layer.compute_dtype for layer in mixed.layers if layer.__class__.__name__ == "FeatureCross"} == {"float32"}
     model = compile_model(model, config, tasks)
     fit(model, tasks, train.take(np.arange(512)), epochs=1, batch_size=128, verbose=0)
     path = tmp_path / "cross.keras"

@@ -6,4 +6,5 @@ from mmoe.layers.gates import Gate, importance_cv_squared
 from mmoe.layers.mixture import ExpertMixture
 from mmoe.layers.mlp import MLP, TaskHead
 
-__all__ = ["ExpertBank", "ExpertMixture", "FeatureCross", "FeatureEmbedding", "Gate", "MLP", "TaskHead", "importance_cv_squared"]
+__all__ = ["ExpertBank", "ExpertMixture", "FeatureCross", "FeatureEmbedding", "Gate", "MLP", "TaskHead",
+           "importance_cv_squared"]

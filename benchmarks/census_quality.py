@@ -15,7 +15,9 @@ training run, seed 0, early stopping on the main task's validation AUC); optiona
 search for every architecture from that result (learning rate, width, experts, tower, dropout,
 DCN-v2 cross layers in front of the experts: `refine_axes`), so no architecture is compared at
 settings tuned for another; then --seeds training runs with the chosen settings (CHOSEN, which
-records those results); test AUC as mean +- std and the best run.
+records those results); test AUC as mean +- std and the best run. --significance then tests each
+architecture's mean test AUC over the seeds against the anchor's on the same test rows (paired DeLong;
+the seeds are retrained for their predictions, which the run cache does not keep).
 
 The anchor is scikit-learn's HistGradientBoostingClassifier (native categorical support), one
 model per task, on the same transformed features, rows and splits; like the networks it is
@@ -332,12 +334,14 @@ def optimizer_for(settings, learning_rate, main_task, n_train, num_tasks):
     return optimizer, callbacks
 
 
-def train_once(arch, settings, features, tasks, splits, seed, epochs, patience=4):
+def train_once(arch, settings, features, tasks, splits, seed, epochs, patience=4, test_scores=False):
+    """One training run: validation and test metrics per task; with `test_scores`, also the test predictions
+    (`"test_scores"`: task -> `[rows]`, for `--significance`; not for the run cache)."""
     import keras
 
     from mmoe import ModelConfig, build_model, compile_model
     from mmoe.models import task_losses, task_metrics
-    from mmoe.training import TaskData, evaluate, fit
+    from mmoe.training import TaskData, evaluate, fit, predict
 
     model_keys = {k: v for k, v in settings.items() if k not in TRAIN_KEYS}
     config = ModelConfig(arch=arch, **model_keys)
@@ -364,6 +368,9 @@ def train_once(arch, settings, features, tasks, splits, seed, epochs, patience=4
     result = {"valid": evaluate(model, tasks, splits["valid"]), "test": evaluate(model, tasks, splits["test"]),
               "epochs": len(history.history["loss"]), "seconds": round(time.time() - started, 1),
               "params": model.count_params()}
+    if test_scores:
+        result["test_scores"] = {k: np.asarray(v, dtype="float64").ravel()
+                                 for k, v in predict(model, splits["test"].inputs).items()}
     keras.backend.clear_session()
     return result
 
@@ -409,12 +416,13 @@ def _matrix(features, data):
     return np.column_stack([data.inputs[f.name].astype("float64") for f in features])
 
 
-def hgb_fit(features, splits, task, params, seed=0, use_weights=False):
+def hgb_fit(features, splits, task, params, seed=0, use_weights=False, test_scores=False):
     """One HistGradientBoostingClassifier for one task, stopped at the iteration with the best validation AUC.
 
     Grown HGB_CHUNK iterations at a time (warm start, which builds the same trees as one long fit);
     stops once the validation AUC has not improved for HGB_PATIENCE iterations or at HGB_MAX_ITER.
-    Returns {"valid": auc, "test": auc, "iterations": n, "seconds": s}.
+    Returns {"valid": auc, "test": auc, "iterations": n, "seconds": s}, with `test_scores` also the test
+    predictions at that iteration (`"test_scores"`, `[rows]`).
     """
     from sklearn.ensemble import HistGradientBoostingClassifier
 
@@ -437,10 +445,13 @@ def hgb_fit(features, splits, task, params, seed=0, use_weights=False):
         if len(valid_aucs) - 1 - best >= HGB_PATIENCE or model.max_iter >= HGB_MAX_ITER:
             break
         model.set_params(max_iter=model.max_iter + HGB_CHUNK)
-    test_scores = next(p for i, p in enumerate(model.staged_predict_proba(_matrix(features, splits["test"])))
-                       if i == best)[:, 1]
-    return {"valid": valid_aucs[best], "test": roc_auc(y_test, test_scores), "iterations": best + 1,
-            "seconds": round(time.time() - started, 1)}
+    scores = next(p for i, p in enumerate(model.staged_predict_proba(_matrix(features, splits["test"])))
+                  if i == best)[:, 1]
+    result = {"valid": valid_aucs[best], "test": roc_auc(y_test, scores), "iterations": best + 1,
+              "seconds": round(time.time() - started, 1)}
+    if test_scores:
+        result["test_scores"] = scores
+    return result
 
 
 def gradient_boosting_anchor(features, tasks, splits, cache, base_key, search, seeds, log, numeric="zscore",
@@ -473,6 +484,31 @@ def gradient_boosting_anchor(features, tasks, splits, cache, base_key, search, s
                                      "best": float(values.max()), "runs": len(values)}
         report["runs"].append({t.name: runs})
     return report
+
+
+def anchor_test_scores(features, tasks, splits, anchor_settings, anchor_buckets):
+    """The anchor's test predictions per task, refitted at its chosen settings (its fit is deterministic)."""
+    scores = {}
+    for t in tasks:
+        chosen = anchor_settings[t.name]
+        task_features, task_splits = numeric_inputs(features, splits, chosen.get("numeric", "zscore"), anchor_buckets,
+                                                    chosen.get("money", "plain"))
+        params = {name: chosen[name] for name, _ in HGB_AXES}
+        scores[t.name] = hgb_fit(task_features, task_splits, t.name, params, test_scores=True)["test_scores"]
+    return scores
+
+
+def versus_anchor(labels, anchor_scores, seed_scores):
+    """Per task: paired DeLong test of the mean test AUC over the seeds minus the anchor's (the tables' two
+    numbers), with a 95% normal interval. `seed_scores`: one {task: [rows]} per seed."""
+    from serving.ab.stats import delong_paired
+
+    out = {}
+    for task, anchor in anchor_scores.items():
+        test = delong_paired(labels[task], anchor, np.vstack([run[task] for run in seed_scores]))
+        out[task] = {"diff": test["diff"], "se": test["se"], "p_value": test["p_value"],
+                     "ci": [test["diff"] - 1.959964 * test["se"], test["diff"] + 1.959964 * test["se"]]}
+    return out
 
 
 def best_anchor(reports, tasks):
@@ -534,6 +570,9 @@ def main(argv=None):
     parser.add_argument("--anchor-search", action="store_true", help="tune the anchor on validation even "
                         "without --search (--search tunes it too)")
     parser.add_argument("--anchor-seeds", type=int, default=1, help="the anchor is deterministic; 1 is enough")
+    parser.add_argument("--significance", action="store_true",
+                        help="test each architecture's mean test AUC over the seeds against the anchor's (paired "
+                        "DeLong on the test rows); retrains the seeds to get their predictions (not cached)")
     parser.add_argument("--fresh", action="store_true", help="ignore cached runs")
     parser.add_argument("--cache", default=str(RESULTS / "census_runs.json"))
     parser.add_argument("--out", default=str(RESULTS / "census_quality.json"))
@@ -570,6 +609,11 @@ def main(argv=None):
                 log(f"group {group} HGB test AUC: " + ", ".join(
                     f"{k} {v['mean']:.4f}" for k, v in anchor["test"].items()))
             chosen_in_group = {}
+            anchor_scores = None
+            if args.significance and "hist_gradient_boosting" in group_report:
+                log(f"group {group}: the anchor's test predictions (for --significance)")
+                anchor_scores = anchor_test_scores(features, tasks, splits,
+                                                   group_report["hist_gradient_boosting"]["settings"], args.anchor_buckets)
             archs = sorted(args.archs, key=lambda a: a != args.search_like)  # the searched one first
             for arch in archs:
                 def run(settings, seed=0, arch=arch):
@@ -612,6 +656,18 @@ def main(argv=None):
                     "settings": key_settings(settings), "searched": searched, "refined": args.refine,
                     "search": search_log,
                     "test": summarize(runs, tasks), "valid": summarize(runs, tasks, "valid"), "runs": runs}
+                if anchor_scores is not None:
+                    log(f"g{group} {arch}: retraining {args.seeds} seeds for their test predictions (--significance)")
+                    scored = [train_once(arch, settings, features, tasks, splits, seed, args.epochs, args.patience,
+                                         test_scores=True) for seed in range(args.seeds)]
+                    # The retrained runs must be the cached ones, or the test would be about other models.
+                    for seed, (again, cached) in enumerate(zip(scored, runs)):
+                        for t in tasks:
+                            if abs(again["test"][t.name]["auc"] - cached["test"][t.name]["auc"]) > 1e-4:
+                                log(f"  warning: seed {seed} {t.name} retrained to test AUC "
+                                    f"{again['test'][t.name]['auc']:.5f}, cached {cached['test'][t.name]['auc']:.5f}")
+                    group_report["archs"][arch]["vs_anchor"] = versus_anchor(
+                        splits["test"].labels, anchor_scores, [r["test_scores"] for r in scored])
     Path(args.out).write_text(json.dumps(report, indent=1))
     print(markdown(report))
     return 0
@@ -658,6 +714,16 @@ def markdown(report) -> str:
                          f"{a['valid'][main_task]['mean']:.4f} | "
                          f"{' / '.join(f'{v:.4f}' for v in paper) if paper else '–'} |")
         lines.append("")
+        tested = {arch: a["vs_anchor"] for arch, a in g["archs"].items() if "vs_anchor" in a}
+        if tested:
+            lines += ["Against the anchor (test; mean AUC over the seeds minus HGB's, paired DeLong, 95% interval):",
+                      "", "| model | " + " | ".join(f"{t}: difference ± SE [95%] (p)" for t in tasks) + " |",
+                      "|---|" + "---|" * len(tasks)]
+            for arch, v in tested.items():
+                lines.append(f"| {arch} | " + " | ".join(
+                    f"{v[t]['diff']:+.5f} ± {v[t]['se']:.5f} [{v[t]['ci'][0]:+.5f}, {v[t]['ci'][1]:+.5f}] "
+                    f"({v[t]['p_value']:.3f})" for t in tasks) + " |")
+            lines.append("")
         lines.append("Settings: " + "; ".join(f"{arch}: {_fmt(a['settings'])}" for arch, a in g["archs"].items()))
         if "hist_gradient_boosting" in g:
             lines.append("HGB: " + "; ".join(f"{t}: {p}" for t, p in g["hist_gradient_boosting"]["settings"].items()))

@@ -52,6 +52,22 @@ def test_delong_auc_is_sklearns_and_variance_agrees_with_the_bootstrap():
     assert diffs["h"]["auc"].std() == pytest.approx(test["se"], rel=0.12)
 
 
+def test_delong_paired_tests_the_mean_auc_of_several_models():
+    y, pa, rng = _binary(3000, 4)
+    seeds = np.vstack([np.clip(pa + rng.normal(scale=s, size=len(y)), 0, 1) for s in (0.1, 0.2, 0.3)])
+    test = stats.delong_paired(y, pa, seeds)
+    assert test["auc_b"] == pytest.approx(np.mean([roc_auc_score(y, p) for p in seeds]), abs=1e-12)
+    # Copies of one model are that model: same AUC, same SE.
+    one = stats.delong_paired(y, pa, seeds[1])
+    same = stats.delong_paired(y, pa, np.vstack([seeds[1], seeds[1]]))
+    assert same["diff"] == pytest.approx(one["diff"], abs=1e-12) and same["se"] == pytest.approx(one["se"], rel=1e-9)
+    # The SE of the mean's difference agrees with the paired bootstrap of the mean AUC.
+    counts = stats.resample_counts(rng, len(y), 1500)
+    base = HeadScores("binary", y, pa).metrics(counts)["auc"]
+    mean = np.mean([HeadScores("binary", y, p).metrics(counts)["auc"] for p in seeds], axis=0)
+    assert (mean - base).std() == pytest.approx(test["se"], rel=0.12)
+
+
 def test_holm_matches_a_hand_computed_case():
     # Sorted: 0.005 x 4 = 0.02, 0.01 x 3 = 0.03, 0.03 x 2 = 0.06, 0.04 x 1 = 0.04 -> max so far 0.06.
     assert stats.holm([0.01, 0.04, 0.03, 0.005]) == pytest.approx([0.03, 0.06, 0.06, 0.02])

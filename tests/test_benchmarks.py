@@ -320,6 +320,54 @@ def test_refine_tunes_the_other_architectures_from_the_chosen_settings(tmp_path,
     assert archs["omoe"]["test"]["income"]["runs"] == 2
 
 
+def test_significance_tests_the_seeds_mean_auc_against_the_refitted_anchor(tmp_path, monkeypatch, capsys):
+    from benchmarks import census_quality
+    from mmoe import InputFeature, TaskSpec
+    from mmoe.training import TaskData, roc_auc
+
+    rng = np.random.default_rng(0)
+
+    def split(n):
+        a = rng.normal(size=n).astype("float32")
+        labels = {"income": (a + rng.normal(scale=1.0, size=n) > 0.5).astype("float32"),
+                  "marital": (a + rng.normal(scale=1.0, size=n) > 0).astype("float32")}
+        return TaskData({"a": a}, labels, np.ones(n, dtype="float32"))
+
+    splits = {"train": split(600), "valid": split(300), "test": split(1500)}
+    protocol = {"name": "single-file split", "split": "60/20/20", "seed": 0,
+                "rows": {"train": 600, "valid": 300, "test": 1500}}
+    monkeypatch.setattr(census_quality, "prepare_arrays", lambda path: (
+        1, [InputFeature("a")], [TaskSpec("income"), TaskSpec("marital")], splits, protocol))
+    test_labels = splits["test"].labels
+    calls = []
+
+    def fake_train(arch, settings, features, tasks, data, seed, *args, test_scores=False, **kwargs):
+        # Income: the labels themselves, noised (far above the trees); marital: noise (far below).
+        scores = {"income": test_labels["income"] + rng.normal(scale=0.3, size=1500),
+                  "marital": rng.random(1500)}
+        aucs = {t: {"auc": 0.5} for t in scores}  # the cached and retrained AUCs agree: no warning
+        calls.append((seed, test_scores))
+        out = {"valid": aucs, "test": aucs, "epochs": 1, "seconds": 0.1, "params": 1}
+        return {**out, "test_scores": scores} if test_scores else out
+
+    monkeypatch.setattr(census_quality, "train_once", fake_train)
+    out = tmp_path / "report.json"
+    assert census_quality.main(["--arrays", "x.npz", "--archs", "mmoe", "--seeds", "3", "--significance",
+                                "--cache", str(tmp_path / "runs.json"), "--out", str(out)]) == 0
+    assert calls == [(0, False), (1, False), (2, False), (0, True), (1, True), (2, True)]
+    vs = json.loads(out.read_text())["groups"]["1"]["archs"]["mmoe"]["vs_anchor"]
+    assert vs["income"]["diff"] > 0 and vs["income"]["p_value"] < 1e-6 and vs["income"]["ci"][0] > 0
+    assert vs["marital"]["diff"] < 0 and vs["marital"]["ci"][1] < 0
+    assert "Against the anchor" in capsys.readouterr().out
+    # The difference is the seeds' mean AUC minus the anchor's, on the same rows.
+    anchor = {"income": rng.random(1500), "marital": rng.random(1500)}
+    seeds = [{t: rng.random(1500) for t in anchor} for _ in range(2)]
+    direct = census_quality.versus_anchor(test_labels, anchor, seeds)
+    for t in anchor:
+        want = np.mean([roc_auc(test_labels[t], s[t]) for s in seeds]) - roc_auc(test_labels[t], anchor[t])
+        assert direct[t]["diff"] == pytest.approx(want, abs=1e-12)
+
+
 def test_serving_table_reports_the_batching_gain_and_the_best_batch_256_cell(capsys):
     from benchmarks.serving import GRPC_CELLS, print_table
 

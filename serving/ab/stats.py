@@ -218,15 +218,29 @@ def delong_auc_variance(labels, scores) -> Tuple[float, float]:
     return float(v10.mean()), float(v10.var(ddof=1) / len(v10) + v01.var(ddof=1) / len(v01))
 
 
+def _mean_components(y: np.ndarray, scores) -> Tuple[np.ndarray, np.ndarray]:
+    """DeLong components of one model's scores `[rows]`, or of the mean AUC of several `[models, rows]`.
+
+    The mean of several AUCs on the same rows is again a two-sample U-statistic (its kernel the models' mean
+    kernel), so its components are the models' components averaged, and DeLong's variance holds for it.
+    """
+    scores = np.asarray(scores, dtype="float64")
+    if scores.ndim == 1:
+        return _delong_components(y, scores)
+    parts = [_delong_components(y, row) for row in scores]
+    return np.mean([v10 for v10, _ in parts], axis=0), np.mean([v01 for _, v01 in parts], axis=0)
+
+
 def delong_paired(labels, scores_a, scores_b) -> Dict[str, float]:
     """Paired DeLong test of AUC(B) - AUC(A) on the same rows.
 
-    Returns auc_a, auc_b, diff, se (of the difference) and the two-sided p-value (1.0 when se is 0 and the
-    difference is 0, e.g. identical scores).
+    `scores_a` or `scores_b` may be `[models, rows]`: that side's AUC is then the mean AUC of those models (e.g.
+    training seeds), tested as one statistic.  Returns auc_a, auc_b, diff, se (of the difference) and the
+    two-sided p-value (1.0 when se is 0 and the difference is 0, e.g. identical scores).
     """
     y = np.asarray(labels, dtype="float64")
-    a10, a01 = _delong_components(y, np.asarray(scores_a, dtype="float64"))
-    b10, b01 = _delong_components(y, np.asarray(scores_b, dtype="float64"))
+    a10, a01 = _mean_components(y, scores_a)
+    b10, b01 = _mean_components(y, scores_b)
     s10 = np.cov(np.vstack([a10, b10]))
     s01 = np.cov(np.vstack([a01, b01]))
     cov = s10 / len(a10) + s01 / len(a01)

@@ -577,6 +577,8 @@ def main(argv=None):
     parser.add_argument("--cache", default=str(RESULTS / "census_runs.json"))
     parser.add_argument("--out", default=str(RESULTS / "census_quality.json"))
     args = parser.parse_args(argv)
+    if args.significance and args.no_anchor:
+        parser.error("--significance tests against the anchor; drop --no-anchor")
 
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -359,6 +359,9 @@ def test_significance_tests_the_seeds_mean_auc_against_the_refitted_anchor(tmp_p
     assert vs["income"]["diff"] > 0 and vs["income"]["p_value"] < 1e-6 and vs["income"]["ci"][0] > 0
     assert vs["marital"]["diff"] < 0 and vs["marital"]["ci"][1] < 0
     assert "Against the anchor" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        census_quality.main(["--arrays", "x.npz", "--significance", "--no-anchor", "--out", str(out)])
+    assert "drop --no-anchor" in capsys.readouterr().err
     # The difference is the seeds' mean AUC minus the anchor's, on the same rows.
     anchor = {"income": rng.random(1500), "marital": rng.random(1500)}
     seeds = [{t: rng.random(1500) for t in anchor} for _ in range(2)]

@@ -341,7 +341,7 @@ def train_once(arch, settings, features, tasks, splits, seed, epochs, patience=4
 
     from mmoe import ModelConfig, build_model, compile_model
     from mmoe.models import task_losses, task_metrics
-    from mmoe.training import TaskData, evaluate, fit, predict
+    from mmoe.training import TaskData, evaluate, fit, predict, prediction_metrics
 
     model_keys = {k: v for k, v in settings.items() if k not in TRAIN_KEYS}
     config = ModelConfig(arch=arch, **model_keys)
@@ -365,12 +365,13 @@ def train_once(arch, settings, features, tasks, splits, seed, epochs, patience=4
     started = time.time()
     history = fit(model, tasks, train, valid, epochs=epochs, batch_size=settings["batch_size"],
                   patience=patience, verbose=0, seed=seed, callbacks=callbacks)
-    result = {"valid": evaluate(model, tasks, splits["valid"]), "test": evaluate(model, tasks, splits["test"]),
+    test_predictions = predict(model, splits["test"].inputs)
+    result = {"valid": evaluate(model, tasks, splits["valid"]),
+              "test": prediction_metrics(tasks, splits["test"].labels, test_predictions),
               "epochs": len(history.history["loss"]), "seconds": round(time.time() - started, 1),
               "params": model.count_params()}
     if test_scores:
-        result["test_scores"] = {k: np.asarray(v, dtype="float64").ravel()
-                                 for k, v in predict(model, splits["test"].inputs).items()}
+        result["test_scores"] = {k: np.asarray(v, dtype="float64").ravel() for k, v in test_predictions.items()}
     keras.backend.clear_session()
     return result
 

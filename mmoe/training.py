@@ -106,10 +106,15 @@ def evaluate(model: keras.Model, tasks: Sequence[TaskSpec], data: TaskData,
              batch_size: int = 4096) -> dict[str, dict[str, float]]:
     """Per-task metrics on one split: AUC, log loss and positive rate for binary
     heads; RMSE and MAE for regression heads. Unweighted, like the MMoE paper."""
-    predictions = predict(model, data.inputs, batch_size=batch_size)
+    return prediction_metrics(tasks, data.labels, predict(model, data.inputs, batch_size=batch_size))
+
+
+def prediction_metrics(tasks: Sequence[TaskSpec], labels: Mapping[str, np.ndarray],
+                       predictions: Mapping[str, np.ndarray]) -> dict[str, dict[str, float]]:
+    """`evaluate`'s metrics from predictions already made."""
     report = {}
     for t in tasks:
-        y = np.asarray(data.labels[t.name], dtype="float64")
+        y = np.asarray(labels[t.name], dtype="float64")
         p = np.asarray(predictions[t.name], dtype="float64")
         if t.kind == "binary":
             q = np.clip(p, 1e-7, 1 - 1e-7)

@@ -97,13 +97,12 @@ def build_server(args):
     batching = load_batching_parameters(args.batching_parameters_file)
     if batching is None and args.enable_batching:
         batching = BatchingParameters()
-    for flag in ("max_request_batch", "grpc_threads", "max_concurrent_rpcs"):
-        if getattr(args, flag) < 1:
-            raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
-    for flag in ("tensorflow_intra_op_parallelism", "tensorflow_inter_op_parallelism"):
-        if getattr(args, flag) < 0:
-            raise ValueError(f"--{flag.replace('_', '-')} must be >= 0 (0: TensorFlow's choice), "
-                             f"got {getattr(args, flag)}")
+    least = {"max_request_batch": 1, "grpc_threads": 1, "max_concurrent_rpcs": 1,
+             "tensorflow_intra_op_parallelism": 0, "tensorflow_inter_op_parallelism": 0}
+    for flag, low in least.items():
+        if getattr(args, flag) < low:
+            meaning = " (0: TensorFlow's choice)" if low == 0 else ""
+            raise ValueError(f"--{flag.replace('_', '-')} must be >= {low}{meaning}, got {getattr(args, flag)}")
     if not 0 <= args.port <= 65535:
         raise ValueError(f"--port must be in 0..65535, got {args.port}")
     cert = key = None

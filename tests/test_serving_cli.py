@@ -161,6 +161,15 @@ def test_serve_argument_errors(argv, message, capsys):
     assert message in capsys.readouterr().err
 
 
+def test_tensorflow_threads_set_too_late_is_a_clear_error():
+    from serving.models import set_tensorflow_threads, tensorflow_threads
+
+    _ = tf.constant(1.0) + 1  # TensorFlow is running in this process: its pools are fixed
+    intra, _ = tensorflow_threads()
+    with pytest.raises(RuntimeError, match="must be set before it runs anything"):
+        set_tensorflow_threads(intra + 3, 0)
+
+
 def test_serve_rejects_a_bad_config_file(tmp_path, capsys):
     path = tmp_path / "models.config"
     path.write_text('model_config_list { config { name: "m" } }')

@@ -13,8 +13,8 @@ task's loss weight, the bucket count, weight averaging (EMA) and the money colum
 length, embedding width, widths, dropout and weight averaging (`search_axes`); each point is one
 training run, seed 0, early stopping on the main task's validation AUC); optionally (--refine) a short
 search for every architecture from that result (learning rate, width, experts, tower, dropout,
-DCN-v2 cross layers in front of the experts: `refine_axes`), so no architecture is compared at
-settings tuned for another; then --seeds training runs with the chosen settings (CHOSEN, which
+DCN-v2 cross layers in front of the experts, then cross layers inside each expert: `refine_axes`),
+so no architecture is compared at settings tuned for another; then --seeds training runs with the chosen settings (CHOSEN, which
 records those results); test AUC as mean +- std and the best run. --significance then tests each
 architecture's mean test AUC over the seeds against the anchor's on the same test rows (paired DeLong;
 the seeds are retrained for their predictions, which the run cache does not keep).
@@ -106,7 +106,8 @@ REFINED = {
                   "cross_layers": 3},
     (1, "shared_bottom"): {"bottom_units": (256, 128), "cross_layers": 2},
     (1, "single_task"): {"learning_rate": 3e-3, "bottom_units": (256, 128), "cross_layers": 2},
-    (1, "omoe"): {"learning_rate": 3e-3, "expert_units": (128, 64), "cross_layers": 2},
+    (1, "omoe"): {"learning_rate": 3e-3, "expert_units": (128, 64), "cross_layers": 2, "expert_cross_layers": 1,
+                  "expert_cross_rank": 32},
     (1, "ple"): {"learning_rate": 3e-3, "expert_units": (256, 128), "cross_layers": 2},
     (2, "mmoe"): {"num_experts": 16, "cross_layers": 1},
     (2, "shared_bottom"): {"learning_rate": 1e-3, "bottom_units": (256, 128), "tower_units": (64,)},
@@ -179,6 +180,10 @@ def refine_axes(arch):
              # DCN-v2 cross layers in front of the experts (or bottom): last, because they came after the other
              # axes had been run (every earlier point stays a cached run).
              ("cross_layers", [{"cross_layers": v} for v in (1, 2, 3)])]
+    if width == "expert_units":
+        # DCN-style experts: each expert's own low-rank cross stack before its MLP (after the shared crosses
+        # above, so those points stay cached runs too).
+        axes.append(("expert_cross_layers", [{"expert_cross_layers": v, "expert_cross_rank": 32} for v in (1, 2)]))
     return axes
 
 
@@ -682,7 +687,7 @@ def _fmt(settings):
              "use_weights": "weights", "numeric": "numeric", "schedule": "schedule", "weight_decay": "wd",
              "patience": "patience", "main_loss_weight": "main weight", "numeric_buckets": "buckets",
              "cosine_epochs": "cosine epochs", "ema": "ema", "money": "money", "task_experts": "task experts",
-             "cross_layers": "cross"}
+             "cross_layers": "cross", "expert_cross_layers": "expert cross", "expert_cross_rank": "expert cross rank"}
     parts = []
     for k, name in short.items():
         if k in settings:

@@ -11,6 +11,9 @@ For each export (XLA, non-XLA) it measures
     called with a tensor built once outside the timed loop, outputs left as tensors;
   * gRPC Predict (TF Serving's stub) against `mmoe serve` running in a subprocess, batching off and on:
     batch 1, 32 and 256 each with 1, 8 and 32 concurrent clients;
+  * "grpc canned": a Python gRPC server (`grpc.aio`, its own process) whose Predict returns the real server's reply
+    bytes with no model, batch 1 from 1, 8 and 32 clients: the floor under any Python server here, and so the most
+    batching could gain;
 and prints p50 / p99 latency (ms) and throughput (examples/s) per cell, and for gRPC cells the server
 process's CPU time per request (user + system, from /proc), which the client's own cost does not enter.
 
@@ -111,6 +114,54 @@ def start_server(base=None, name=None, batching_file=None, config_file=None, ext
     models = ["--model-config-file", config_file] if config_file else ["--model-base-path", base, "--model-name", name]
     return start_serve_process([*models, "--port", "0", *(["--batching-parameters-file", batching_file]
                                                           if batching_file else []), *extra_args])
+
+
+def _canned_server(reply: bytes, ready) -> None:
+    """A `grpc.aio` PredictionService whose Predict returns `reply` (serialized PredictResponse) untouched.
+
+    Runs in a process of its own, like `mmoe serve`: the Python gRPC server's per-request cost with no model,
+    no batching and no request decoding, the floor under any Python server on this machine."""
+    import asyncio
+
+    import grpc
+    from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
+
+    response = predict_pb2.PredictResponse.FromString(reply)
+
+    class Canned(prediction_service_pb2_grpc.PredictionServiceServicer):
+        async def Predict(self, request, context):
+            return response
+
+    async def serve():
+        server = grpc.aio.server()
+        prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(Canned(), server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        ready.put(port)
+        await server.wait_for_termination()
+
+    asyncio.run(serve())
+
+
+def start_canned_server(address, name, examples):
+    """(process, address) of `_canned_server` replying with what the real server at `address` answers to one
+    batch-1 Predict for model `name`."""
+    import multiprocessing
+
+    import grpc
+    import tensorflow as tf
+    from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
+
+    request = predict_pb2.PredictRequest()
+    request.model_spec.name = name
+    request.inputs["examples"].CopyFrom(tf.make_tensor_proto(examples[:1], dtype=tf.string))
+    with grpc.insecure_channel(address) as channel:
+        reply = prediction_service_pb2_grpc.PredictionServiceStub(channel).Predict(request, timeout=60)
+    context = multiprocessing.get_context("spawn")
+    ready = context.Queue()
+    process = context.Process(target=_canned_server, args=(reply.SerializeToString(), ready), daemon=True)
+    process.start()
+    return process, f"127.0.0.1:{ready.get(timeout=120)}"
 
 
 def bench_grpc(address, name, examples, batch, clients, seconds, server_pid=None, client="aio"):
@@ -285,6 +336,17 @@ def main(argv=None) -> int:
                                      bench_grpc(address, export, examples, batch, clients, args.seconds,
                                                 server_pid=process.pid, client=args.client)))
                         print(".", end="", flush=True)
+                    if not batching and export == "xla":
+                        # Once: the same reply without a model (see _canned_server), batch 1 from 1, 8, 32 clients.
+                        canned, canned_address = start_canned_server(address, export, examples)
+                        try:
+                            for clients in (1, 8, 32):
+                                rows.append(("grpc canned", 1, clients, "xla",
+                                             bench_grpc(canned_address, export, examples, 1, clients, args.seconds,
+                                                        server_pid=canned.pid, client=args.client)))
+                        finally:
+                            canned.terminate()
+                            canned.join(60)
                 finally:
                     process.terminate()
                     process.wait(60)
@@ -333,6 +395,14 @@ def print_table(rows):
         if big:
             throughput, mode, clients = max(big)
             print(f"{export}: batch 256 over gRPC, best {throughput:,.0f} examples/s ({mode}, {clients} clients)")
+    canned = cells.get(("grpc canned", 1, 32, "xla"))
+    if canned:
+        # No server can batch its way past the rate at which Python gRPC alone answers batch-1 requests.
+        bounds = [f"{e} {canned['throughput'] / cells[('grpc', 1, 32, e)]['throughput']:.2f}x"
+                  for e in ("xla", "plain") if ("grpc", 1, 32, e) in cells]
+        print(f"grpc canned (a Python gRPC server replying with a fixed response, no model): 32 batch-1 clients "
+              f"{canned['throughput']:,.0f} requests/s; the most batching could gain over no batching here: "
+              + ", ".join(bounds))
     errors = sum(r.get("errors", 0) for *_, r in rows)
     print(f"failed requests: {errors}")
     print(TARGETS)

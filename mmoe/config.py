@@ -113,6 +113,11 @@ class ModelConfig:
             every expert, bottom and gate (0: none; see
             `mmoe.layers.FeatureCross`). Single-Task gets its own per task.
         cross_rank: rank of each cross layer's matrix; 0 for full rank.
+        expert_cross_layers: DCN-v2 cross layers inside each expert, before
+            its MLP (0: none; MMoE, OMoE, CGC and PLE experts; see
+            `mmoe.layers.ExpertBank`).
+        expert_cross_rank: rank of the experts' cross matrices; 0 for full
+            rank.
         embedding_dim: width cap for categorical embeddings.
         embedding_lookup: "auto", "gather" or "matmul": how embedding tables
             are read (same values; see `mmoe.layers.FeatureEmbedding`).
@@ -137,6 +142,8 @@ class ModelConfig:
     balance_loss_weight: float = 0.0
     cross_layers: int = 0
     cross_rank: int = 0
+    expert_cross_layers: int = 0
+    expert_cross_rank: int = 0
     embedding_dim: int = 16
     embedding_lookup: str = "auto"
     mixed_precision: bool = False
@@ -176,6 +183,9 @@ class ModelConfig:
         if self.cross_layers < 0 or self.cross_rank < 0:
             raise ValueError(f"cross_layers and cross_rank must be >= 0, got {self.cross_layers} and "
                              f"{self.cross_rank}")
+        if self.expert_cross_layers < 0 or self.expert_cross_rank < 0:
+            raise ValueError(f"expert_cross_layers and expert_cross_rank must be >= 0, got "
+                             f"{self.expert_cross_layers} and {self.expert_cross_rank}")
         if self.embedding_lookup not in EMBEDDING_LOOKUPS:
             raise ValueError(f"embedding_lookup must be one of {EMBEDDING_LOOKUPS}, got {self.embedding_lookup!r}")
         if self.learning_rate <= 0:

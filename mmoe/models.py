@@ -77,7 +77,8 @@ def build_model(config: ModelConfig, features: Sequence[InputFeature], tasks: Se
 
     def experts(n, suffix):
         return ExpertBank(n, config.expert_units, activation=config.expert_activation,
-                          dropout=config.expert_dropout, dtype=compute, name=f"experts{suffix}")
+                          dropout=config.expert_dropout, cross_layers=config.expert_cross_layers,
+                          cross_rank=config.expert_cross_rank or None, dtype=compute, name=f"experts{suffix}")
 
     def gate(n, suffix):
         return Gate(n, gate_type=config.gate, temperature=config.gate_temperature,

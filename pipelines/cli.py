@@ -60,6 +60,9 @@ MODEL_FLAGS = {
     "--balance-loss-weight": ("balance_loss_weight", float, "weight of the load-balancing loss"),
     "--cross-layers": ("cross_layers", int, "DCN-v2 cross layers on the embedded input, before the experts (0: none)"),
     "--cross-rank": ("cross_rank", int, "rank of each cross layer's matrix (0: full)"),
+    "--expert-cross-layers": ("expert_cross_layers", int,
+                              "DCN-v2 cross layers inside each expert, before its MLP (0: none)"),
+    "--expert-cross-rank": ("expert_cross_rank", int, "rank of the experts' cross matrices (0: full)"),
     "--embedding-dim": ("embedding_dim", int, "cap on categorical embedding widths"),
     "--learning-rate": ("learning_rate", float, "Adam learning rate"),
 }

@@ -387,6 +387,11 @@ def test_serving_table_reports_the_batching_gain_and_the_best_batch_256_cell(cap
     assert "xla: 32 batch-1 clients, batching on/off throughput = 2.50x" in out
     assert "xla: batch 256 over gRPC, best 120,000 examples/s (grpc, 8 clients)" in out  # not the in-process row
     assert "plain:" not in out
+    assert "grpc canned" not in out
+    print_table(rows + [("grpc canned", 1, 32, "xla", cell(4000.0))])
+    # The canned reply's rate over the no-batching rate bounds what batching could gain.
+    assert "32 batch-1 clients 4,000 requests/s; the most batching could gain over no batching here: xla 4.00x" \
+        in capsys.readouterr().out
 
 
 def test_chosen_settings_are_the_ones_the_committed_census_tables_report():

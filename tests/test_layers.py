@@ -26,6 +26,44 @@ def test_expert_bank_matches_independent_per_expert_mlps():
         np.testing.assert_allclose(out[:, e, :], h, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("rank", [None, 2])
+def test_expert_bank_with_crosses_is_a_dcn_v2_network_per_expert(rank):
+    rng = np.random.default_rng(0)
+    x0 = rng.normal(size=(5, 6)).astype("float32")
+    bank = ExpertBank(3, [4, 2], cross_layers=2, cross_rank=rank)
+    bank.build(x0.shape)
+    for w in bank.weights:  # non-zero biases too, so the test sees where they enter
+        w.assign(rng.normal(size=w.shape).astype("float32") * 0.5)
+    out = _np(bank(x0))
+    assert out.shape == (5, 3, 2)
+    for e in range(3):
+        x = x0
+        for i in range(2):
+            kernel = _np(bank.cross_down[i])[e]
+            if rank is not None:
+                kernel = kernel @ _np(bank.cross_up[i])[e]
+            x = x0 * (x @ kernel + _np(bank.cross_biases[i])[e]) + x
+        h = np.maximum(x @ _np(bank.kernels[0])[:, e, :] + _np(bank.biases[0])[e], 0)
+        h = np.maximum(h @ _np(bank.kernels[1])[e] + _np(bank.biases[1])[e], 0)
+        np.testing.assert_allclose(out[:, e, :], h, rtol=1e-4, atol=1e-4)
+    # Each expert holds its own crosses: E x (d x d, or two d x r factors, plus a bias) per layer.
+    cross = 3 * 2 * ((6 * 6 if rank is None else 2 * 6 * rank) + 6)
+    plain = ExpertBank(3, [4, 2])
+    plain.build(x0.shape)
+    assert bank.count_params() == plain.count_params() + cross
+    # Experts start with different crosses, or they would stay symmetric.
+    fresh = ExpertBank(2, [4], cross_layers=1)
+    fresh.build(x0.shape)
+    assert not np.allclose(_np(fresh.cross_down[0])[0], _np(fresh.cross_down[0])[1])
+
+
+def test_expert_bank_rejects_bad_cross_arguments():
+    with pytest.raises(ValueError, match="cross_layers"):
+        ExpertBank(2, [4], cross_layers=-1)
+    with pytest.raises(ValueError, match="cross_rank"):
+        ExpertBank(2, [4], cross_layers=1, cross_rank=0)
+
+
 def test_expert_bank_initialises_experts_differently_with_per_expert_scale():
     bank = ExpertBank(8, [32])
     bank.build((None, 100))
@@ -163,6 +201,7 @@ def test_task_head_outputs():
     TaskHead("regression"),
     FeatureEmbedding([{"name": "c", "kind": "categorical", "vocab_size": 9, "embedding_dim": None}]),
     FeatureCross(3, projection_dim=4),
+    ExpertBank(3, [4, 2], dropout=0.1, cross_layers=2, cross_rank=3),
 ])
 def test_layer_config_round_trip(layer):
     clone = layer.__class__.from_config(layer.get_config())

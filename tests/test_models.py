@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from mmoe import ARCHITECTURES, GATES_SUFFIX, ModelConfig, TaskSpec, build_model, compile_model, with_gate_outputs
+from mmoe.layers import ExpertBank
 from mmoe.training import evaluate, fit, predict
 
 SMALL = dict(num_experts=4, task_experts=2, expert_units=(16,), bottom_units=(32,), tower_units=(8,),
@@ -130,6 +131,8 @@ def test_config_validation_and_round_trip():
         ModelConfig(gate_temperature=-1)
     with pytest.raises(ValueError, match="cross_layers and cross_rank"):
         ModelConfig(cross_layers=-1)
+    with pytest.raises(ValueError, match="expert_cross_layers and expert_cross_rank"):
+        ModelConfig(expert_cross_rank=-2)
     with pytest.raises(ValueError, match="embedding_lookup must be one of"):
         ModelConfig(embedding_lookup="dense")
     with pytest.raises(ValueError, match="kind"):
@@ -165,6 +168,28 @@ def test_cross_layers_sit_between_embedding_and_experts(arch, toy, tmp_path):
     model = compile_model(model, config, tasks)
     fit(model, tasks, train.take(np.arange(512)), epochs=1, batch_size=128, verbose=0)
     path = tmp_path / "cross.keras"
+    model.save(path)
+    loaded = keras.saving.load_model(path)
+    before, after = predict(model, test.inputs), predict(loaded, test.inputs)
+    for name in before:
+        np.testing.assert_array_equal(before[name], after[name])
+
+
+@pytest.mark.parametrize("arch", ["mmoe", "ple"])
+def test_expert_crosses_reach_every_expert_bank(arch, toy, tmp_path):
+    features, tasks, train, test = toy
+    config = ModelConfig(arch=arch, expert_cross_layers=2, expert_cross_rank=3, **SMALL)
+    model = build_model(config, features, tasks)
+    banks = [layer for layer in model.layers if isinstance(layer, ExpertBank)]
+    assert banks and all(b.cross_layers == 2 and b.cross_rank == 3 for b in banks)
+    plain = build_model(ModelConfig(arch=arch, **SMALL), features, tasks)
+    assert all(b.cross_layers == 0 for b in plain.layers if isinstance(b, ExpertBank))
+    # Shared-Bottom and Single-Task have no experts: the setting changes nothing there.
+    assert (build_model(ModelConfig(arch="shared_bottom", expert_cross_layers=2, **SMALL), features, tasks)
+            .count_params() == build_model(ModelConfig(arch="shared_bottom", **SMALL), features, tasks).count_params())
+    model = compile_model(model, config, tasks)
+    fit(model, tasks, train.take(np.arange(512)), epochs=1, batch_size=128, verbose=0)
+    path = tmp_path / "expert_cross.keras"
     model.save(path)
     loaded = keras.saving.load_model(path)
     before, after = predict(model, test.inputs), predict(loaded, test.inputs)

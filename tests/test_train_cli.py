@@ -140,6 +140,7 @@ def test_unexpected_label_value_names_column(tmp_path, census_lines, capsys):
     (["--split", "50/50"], "--split"),
     (["--loss-weights", "salary=2"], "salary"),
     (["--gate-temperature", "0"], "gate_temperature"),
+    (["--expert-cross-layers", "-1"], "expert_cross_layers"),
 ])
 def test_bad_settings_are_clear_errors(small_census, tmp_path, capsys, flags, expected):
     err = _run_error(["train", "--data", str(small_census), "--out", str(tmp_path / "o")] + flags, capsys)

@@ -15,6 +15,14 @@ class ExpertBank(keras.layers.Layer):
     of per-expert Dense layers. XLA then compiles the dispatch into a few
     kernels, and the cost does not grow with the number of Python ops.
 
+    With `cross_layers`, each expert is a DCN-v2 network (Wang et al., WWW
+    2021, "stacked" structure): its own stack of cross layers
+    `x_{l+1} = x0 * (W_l x_l + b_l) + x_l` on the shared input `x0`, then its
+    MLP. The crosses are stacked over experts too (`[E, d, r]` batched
+    matmuls), so experts differ in which feature products they hold, not only
+    in how they weigh them (`mmoe.layers.FeatureCross` is the one stack shared
+    by every expert).
+
     Args:
         num_experts: number of experts E.
         units: hidden widths of each expert's MLP; the last one is the expert
@@ -25,6 +33,10 @@ class ExpertBank(keras.layers.Layer):
         kernel_initializer, bias_initializer: initialisers of the stacked
             weights (applied per expert slice, so each expert is initialised
             like a Dense layer of the same shape).
+        cross_layers: cross layers inside each expert, before its MLP (0:
+            none).
+        cross_rank: rank `r` of each expert's cross matrices (`W = U V`,
+            `d x r` by `r x d`); None for full `d x d` matrices.
 
     Call arguments:
         inputs: `[batch, d]` float tensor.
@@ -35,10 +47,17 @@ class ExpertBank(keras.layers.Layer):
     """
 
     def __init__(self, num_experts, units, activation="relu", dropout=0.0,
-                 kernel_initializer="glorot_uniform", bias_initializer="zeros", **kwargs):
+                 kernel_initializer="glorot_uniform", bias_initializer="zeros", cross_layers=0, cross_rank=None,
+                 **kwargs):
         super().__init__(**kwargs)
         if num_experts < 1:
             raise ValueError(f"num_experts must be >= 1, got {num_experts}")
+        if int(cross_layers) < 0:
+            raise ValueError(f"cross_layers must be >= 0, got {cross_layers}")
+        if cross_rank is not None and int(cross_rank) < 1:
+            raise ValueError(f"cross_rank must be >= 1 or None, got {cross_rank}")
+        self.cross_layers = int(cross_layers)
+        self.cross_rank = None if cross_rank is None else int(cross_rank)
         self.num_experts = int(num_experts)
         self.units = [int(u) for u in ([units] if isinstance(units, int) else units)]
         if not self.units:
@@ -51,6 +70,17 @@ class ExpertBank(keras.layers.Layer):
 
     def build(self, input_shape):
         in_dim = int(input_shape[-1])
+        e = self.num_experts
+        # Cross weights: [E, d, k] per layer (k = d at full rank, r at low rank, then [E, r, d] back up).
+        self.cross_down, self.cross_up, self.cross_biases = [], [], []
+        for i in range(self.cross_layers):
+            k = in_dim if self.cross_rank is None else self.cross_rank
+            self.cross_down.append(self.add_weight(
+                name=f"cross_down_{i}", shape=(e, in_dim, k), initializer=self._per_expert(self.kernel_initializer, False)))
+            if self.cross_rank is not None:
+                self.cross_up.append(self.add_weight(
+                    name=f"cross_up_{i}", shape=(e, k, in_dim), initializer=self._per_expert(self.kernel_initializer, False)))
+            self.cross_biases.append(self.add_weight(name=f"cross_bias_{i}", shape=(e, in_dim), initializer="zeros"))
         self.kernels, self.biases = [], []
         for i, out_dim in enumerate(self.units):
             # First layer: [d, E, u] so it reshapes to one [d, E*u] matmul.
@@ -86,11 +116,31 @@ class ExpertBank(keras.layers.Layer):
             return ops.stack([expert_initializer(i)((u, v), dtype=dtype) for i in range(e)], axis=0)
         return init
 
+    def _cross(self, inputs):
+        """`[batch, E, d]`: each expert's cross stack on the shared `[batch, d]` input."""
+        x0 = ops.expand_dims(inputs, 1)
+        x = None
+        for i in range(self.cross_layers):
+            if x is None:  # every expert starts from the same x0: one [d, E*k] matmul
+                e, d, k = self.cross_down[i].shape
+                h = ops.reshape(ops.matmul(inputs, ops.reshape(ops.transpose(self.cross_down[i], (1, 0, 2)),
+                                                                (d, e * k))), (-1, e, k))
+            else:
+                h = ops.einsum("bed,edk->bek", x, self.cross_down[i])
+            if self.cross_rank is not None:
+                h = ops.einsum("bek,ekd->bed", h, self.cross_up[i])
+            x = x0 * (h + self.cross_biases[i]) + (x0 if x is None else x)
+        return x
+
     def call(self, inputs, training=None):
         batch = ops.shape(inputs)[0]
+        crossed = self._cross(inputs) if self.cross_layers else None
         h = None
         for i, (kernel, bias) in enumerate(zip(self.kernels, self.biases)):
-            if i == 0:
+            if i == 0 and crossed is not None:
+                # Each expert reads its own crossed input: [B, E, d] x [d, E, u] -> [B, E, u].
+                h = ops.einsum("bed,deu->beu", crossed, kernel)
+            elif i == 0:
                 d, e, u = kernel.shape
                 h = ops.matmul(inputs, ops.reshape(kernel, (d, e * u)))
                 h = ops.reshape(h, (batch, e, u))
@@ -114,5 +164,7 @@ class ExpertBank(keras.layers.Layer):
             "dropout": self.dropout,
             "kernel_initializer": keras.initializers.serialize(self.kernel_initializer),
             "bias_initializer": keras.initializers.serialize(self.bias_initializer),
+            "cross_layers": self.cross_layers,
+            "cross_rank": self.cross_rank,
         })
         return config

@@ -234,7 +234,7 @@ def test_bad_arguments_raise_clear_errors(exports, tmp_path, change, error, mess
 
 
 @pytest.mark.parametrize("xla", [True, False])
-def test_spec_with_also_bucketize_exports_and_matches_keras(tmp_path, xla):
+def test_spec_with_also_bucketize_and_crosses_exports_and_matches_keras(tmp_path, xla):
     # A numeric feature with also_bucketize feeds the model its value and its bucket id; the export must accept
     # that model and serve what Keras computes on the tf.Transform output.
     import textwrap
@@ -258,7 +258,9 @@ def test_spec_with_also_bucketize_exports_and_matches_keras(tmp_path, xla):
     inputs = [InputFeature.from_dict(i) for i in transformed_feature_info(spec, tft_output)]
     assert "age_bucket" in {i.name for i in inputs}
     tasks = [TaskSpec(t.name, t.kind) for t in spec.tasks]
-    model = build_model(ModelConfig(num_experts=2, expert_units=(4,), tower_units=(4,)), inputs, tasks)
+    # With shared and per-expert cross layers, so both exports (XLA or not) are checked on them too.
+    model = build_model(ModelConfig(num_experts=2, expert_units=(4,), tower_units=(4,), cross_layers=1,
+                                    expert_cross_layers=1, expert_cross_rank=2), inputs, tasks)
     export_dir = str(tmp_path / "export" / "1")
     export_serving_model(model, str(tmp_path / "tft"), spec, export_dir, xla=xla)
 

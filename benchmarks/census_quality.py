@@ -14,10 +14,11 @@ length, embedding width, widths, dropout and weight averaging (`search_axes`); e
 training run, seed 0, early stopping on the main task's validation AUC); optionally (--refine) a short
 search for every architecture from that result (learning rate, width, experts, tower, dropout,
 DCN-v2 cross layers in front of the experts, then cross layers inside each expert: `refine_axes`),
-so no architecture is compared at settings tuned for another; then --seeds training runs with the chosen settings (CHOSEN, which
-records those results); test AUC as mean +- std and the best run. --significance then tests each
-architecture's mean test AUC over the seeds against the anchor's on the same test rows (paired DeLong;
-the seeds are retrained for their predictions, which the run cache does not keep).
+so no architecture is compared at settings tuned for another; then --seeds training runs with the
+chosen settings (CHOSEN, which records those results); test AUC as mean +- std and the best run.
+--significance then tests each architecture's mean test AUC over the seeds against the anchor's on the
+same test rows (paired DeLong; the seeds are retrained for their predictions, which the run cache does
+not keep).
 
 The anchor is scikit-learn's HistGradientBoostingClassifier (native categorical support), one
 model per task, on the same transformed features, rows and splits; like the networks it is

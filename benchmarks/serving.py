@@ -18,8 +18,9 @@ and prints p50 / p99 latency (ms) and throughput (examples/s) per cell, and for 
 process's CPU time per request (user + system, from /proc), which the client's own cost does not enter.
 
 Clients run in this process (`--client aio`, the default: coroutines on one asyncio loop; `--client threads`: one
-thread each; its CPU per request is printed below the table) and the server is another process, all on the same cores, so on a small machine the throughput numbers include client
-overhead and contention; they are meant for comparing rows, not as absolutes.
+thread each; its CPU per request is printed below the table) and the server is another process, all on the same
+cores, so on a small machine the throughput numbers include client overhead and contention; they are meant for
+comparing rows, not as absolutes.
 """
 from __future__ import annotations
 

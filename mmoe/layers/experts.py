@@ -73,13 +73,14 @@ class ExpertBank(keras.layers.Layer):
         e = self.num_experts
         # Cross weights: [E, d, k] per layer (k = d at full rank, r at low rank, then [E, r, d] back up).
         self.cross_down, self.cross_up, self.cross_biases = [], [], []
+        per_expert = self._per_expert(self.kernel_initializer, False)
         for i in range(self.cross_layers):
             k = in_dim if self.cross_rank is None else self.cross_rank
-            self.cross_down.append(self.add_weight(
-                name=f"cross_down_{i}", shape=(e, in_dim, k), initializer=self._per_expert(self.kernel_initializer, False)))
+            self.cross_down.append(self.add_weight(name=f"cross_down_{i}", shape=(e, in_dim, k),
+                                                   initializer=per_expert))
             if self.cross_rank is not None:
-                self.cross_up.append(self.add_weight(
-                    name=f"cross_up_{i}", shape=(e, k, in_dim), initializer=self._per_expert(self.kernel_initializer, False)))
+                self.cross_up.append(self.add_weight(name=f"cross_up_{i}", shape=(e, k, in_dim),
+                                                     initializer=per_expert))
             self.cross_biases.append(self.add_weight(name=f"cross_bias_{i}", shape=(e, in_dim), initializer="zeros"))
         self.kernels, self.biases = [], []
         for i, out_dim in enumerate(self.units):

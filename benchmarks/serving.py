@@ -117,6 +117,17 @@ def start_server(base=None, name=None, batching_file=None, config_file=None, ext
                                                           if batching_file else []), *extra_args])
 
 
+def predict_request(name, examples, batch):
+    """TF Serving's PredictRequest for model `name`: the first `batch` serialized tf.Examples as `examples`."""
+    import tensorflow as tf
+    from tensorflow_serving.apis import predict_pb2
+
+    request = predict_pb2.PredictRequest()
+    request.model_spec.name = name
+    request.inputs["examples"].CopyFrom(tf.make_tensor_proto(examples[:batch], dtype=tf.string))
+    return request
+
+
 def _canned_server(reply: bytes, ready) -> None:
     """A `grpc.aio` PredictionService whose Predict returns `reply` (serialized PredictResponse) untouched.
 
@@ -150,14 +161,11 @@ def start_canned_server(address, name, examples):
     import multiprocessing
 
     import grpc
-    import tensorflow as tf
-    from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
+    from tensorflow_serving.apis import prediction_service_pb2_grpc
 
-    request = predict_pb2.PredictRequest()
-    request.model_spec.name = name
-    request.inputs["examples"].CopyFrom(tf.make_tensor_proto(examples[:1], dtype=tf.string))
     with grpc.insecure_channel(address) as channel:
-        reply = prediction_service_pb2_grpc.PredictionServiceStub(channel).Predict(request, timeout=60)
+        reply = prediction_service_pb2_grpc.PredictionServiceStub(channel).Predict(predict_request(name, examples, 1),
+                                                                                   timeout=60)
     context = multiprocessing.get_context("spawn")
     ready = context.Queue()
     process = context.Process(target=_canned_server, args=(reply.SerializeToString(), ready), daemon=True)
@@ -172,13 +180,9 @@ def bench_grpc(address, name, examples, batch, clients, seconds, server_pid=None
     works on them unchanged); "threads": one thread per client with the synchronous stub.  Both keep `clients`
     requests in flight; the asyncio client costs this process far less CPU per request, which matters when
     client and server share two cores."""
-    import tensorflow as tf
     from tensorflow_serving.apis import predict_pb2
 
-    request = predict_pb2.PredictRequest()
-    request.model_spec.name = name
-    request.inputs["examples"].CopyFrom(tf.make_tensor_proto(examples[:batch], dtype=tf.string))
-    request = predict_pb2.PredictRequest.FromString(request.SerializeToString())
+    request = predict_pb2.PredictRequest.FromString(predict_request(name, examples, batch).SerializeToString())
     clock = {}
 
     def mark(key):

@@ -36,19 +36,26 @@ def test_noisy_top_k_mmoe_with_balance_loss_learns(toy):
     assert ((gates > 0).sum(axis=1) == 2).all()
 
 
-@pytest.mark.parametrize("arch", ARCHITECTURES)
-def test_keras_save_load_round_trip_gives_identical_predictions(arch, toy, tmp_path):
-    features, tasks, train, test = toy
-    config = ModelConfig(arch=arch, gate="noisy_top_k", balance_loss_weight=0.01, **SMALL)
-    model = compile_model(build_model(config, features, tasks), config, tasks)
+def _assert_trained_model_round_trips(model, config, tasks, train, test, path):
+    """Compile, train one epoch on 512 rows, save as .keras and load it back (safe_mode stays on: no lambdas,
+    registered layers only); the loaded model must predict exactly what the trained one does. Returns it."""
+    model = compile_model(model, config, tasks)
     fit(model, tasks, train.take(np.arange(512)), epochs=1, batch_size=128, verbose=0)
-    path = tmp_path / f"{arch}.keras"
     model.save(path)
-    loaded = keras.saving.load_model(path)  # safe_mode stays on: no lambdas, registered layers only
+    loaded = keras.saving.load_model(path)
     before, after = predict(model, test.inputs), predict(loaded, test.inputs)
     assert set(before) == set(after) == {t.name for t in tasks}
     for name in before:
         np.testing.assert_array_equal(before[name], after[name])
+    return loaded
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_keras_save_load_round_trip_gives_identical_predictions(arch, toy, tmp_path):
+    features, tasks, train, test = toy
+    config = ModelConfig(arch=arch, gate="noisy_top_k", balance_loss_weight=0.01, **SMALL)
+    loaded = _assert_trained_model_round_trips(build_model(config, features, tasks), config, tasks, train, test,
+                                               tmp_path / f"{arch}.keras")
     # The loaded model keeps training (optimizer state and compile config restored).
     fit(loaded, tasks, train.take(np.arange(256)), epochs=1, batch_size=128, verbose=0)
 
@@ -165,14 +172,7 @@ def test_cross_layers_sit_between_embedding_and_experts(arch, toy, tmp_path):
     # Under mixed precision the crosses stay float32, like the embedding and the gates that read them.
     mixed = build_model(config.replace(mixed_precision=True), features, tasks)
     assert {layer.compute_dtype for layer in mixed.layers if layer.__class__.__name__ == "FeatureCross"} == {"float32"}
-    model = compile_model(model, config, tasks)
-    fit(model, tasks, train.take(np.arange(512)), epochs=1, batch_size=128, verbose=0)
-    path = tmp_path / "cross.keras"
-    model.save(path)
-    loaded = keras.saving.load_model(path)
-    before, after = predict(model, test.inputs), predict(loaded, test.inputs)
-    for name in before:
-        np.testing.assert_array_equal(before[name], after[name])
+    _assert_trained_model_round_trips(model, config, tasks, train, test, tmp_path / "cross.keras")
 
 
 @pytest.mark.parametrize("arch", ["mmoe", "ple"])
@@ -187,14 +187,7 @@ def test_expert_crosses_reach_every_expert_bank(arch, toy, tmp_path):
     # Shared-Bottom and Single-Task have no experts: the setting changes nothing there.
     assert (build_model(ModelConfig(arch="shared_bottom", expert_cross_layers=2, **SMALL), features, tasks)
             .count_params() == build_model(ModelConfig(arch="shared_bottom", **SMALL), features, tasks).count_params())
-    model = compile_model(model, config, tasks)
-    fit(model, tasks, train.take(np.arange(512)), epochs=1, batch_size=128, verbose=0)
-    path = tmp_path / "expert_cross.keras"
-    model.save(path)
-    loaded = keras.saving.load_model(path)
-    before, after = predict(model, test.inputs), predict(loaded, test.inputs)
-    for name in before:
-        np.testing.assert_array_equal(before[name], after[name])
+    _assert_trained_model_round_trips(model, config, tasks, train, test, tmp_path / "expert_cross.keras")
 
 
 def test_embedding_lookup_setting_reaches_the_embedding_layer(toy):

@@ -94,7 +94,7 @@ def _write_csv(frame, path):
 
 def test_serving_benchmark_canned_server_replies_like_the_real_one(exports, base_path):
     # The benchmark's floor cell: a Python gRPC server replying with the real server's bytes, no model.
-    from benchmarks.serving import bench_grpc, start_canned_server
+    from benchmarks.serving import bench_grpc, predict_request, start_canned_server
 
     manager = ModelManager([ModelEntry("census", str(base_path))], poll_seconds=3600)
     srv = Server(manager, port=0).start()
@@ -103,13 +103,11 @@ def test_serving_benchmark_canned_server_replies_like_the_real_one(exports, base
         address = f"127.0.0.1:{srv.port}"
         examples = example_bytes(exports.frame, exports.spec, rows=4)
         canned, canned_address = start_canned_server(address, "census", examples)
-        request = predict_pb2.PredictRequest()
-        request.model_spec.name = "census"
-        request.inputs["examples"].CopyFrom(tf.make_tensor_proto(examples[:1], dtype=tf.string))
         replies = []
         for target in (address, canned_address):
             with grpc.insecure_channel(target) as channel:
-                replies.append(prediction_service_pb2_grpc.PredictionServiceStub(channel).Predict(request, timeout=30))
+                stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
+                replies.append(stub.Predict(predict_request("census", examples, 1), timeout=30))
         assert replies[0] == replies[1] and {"income", "marital"} <= set(replies[1].outputs)
         result = bench_grpc(canned_address, "census", examples, 1, 4, 0.5, server_pid=canned.pid)
         assert result["errors"] == 0 and result["requests"] > 10 and result["server_cpu_ms"] > 0

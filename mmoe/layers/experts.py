@@ -122,10 +122,8 @@ class ExpertBank(keras.layers.Layer):
         x0 = ops.expand_dims(inputs, 1)
         x = None
         for i in range(self.cross_layers):
-            if x is None:  # every expert starts from the same x0: one [d, E*k] matmul
-                e, d, k = self.cross_down[i].shape
-                h = ops.reshape(ops.matmul(inputs, ops.reshape(ops.transpose(self.cross_down[i], (1, 0, 2)),
-                                                                (d, e * k))), (-1, e, k))
+            if x is None:  # every expert starts from the same x0: one contraction of the shared [B, d] input
+                h = ops.einsum("bd,edk->bek", inputs, self.cross_down[i])
             else:
                 h = ops.einsum("bed,edk->bek", x, self.cross_down[i])
             if self.cross_rank is not None:

@@ -13,8 +13,10 @@ task's loss weight, the bucket count, weight averaging (EMA) and the money colum
 length, embedding width, widths, dropout and weight averaging (`search_axes`); each point is one
 training run, seed 0, early stopping on the main task's validation AUC); optionally (--refine) a short
 search for every architecture from that result (learning rate, width, experts, tower, dropout,
-DCN-v2 cross layers in front of the experts, then cross layers inside each expert: `refine_axes`),
-so no architecture is compared at settings tuned for another; then --seeds training runs with the
+DCN-v2 cross layers in front of the experts, then cross layers inside each expert, then piecewise-linear
+numeric encodings: `refine_axes`), so no architecture is compared at settings tuned for another; each
+refine point is scored on the mean validation AUC of --select-seeds seeds (2 in the published tables: the
+differences it chooses between are about one seed's std); then --seeds training runs with the
 chosen settings (CHOSEN, which records those results); test AUC as mean +- std and the best run.
 --significance then tests each architecture's mean test AUC over the seeds against the anchor's on the
 same test rows (paired DeLong; the seeds are retrained for their predictions, which the run cache does
@@ -185,6 +187,8 @@ def refine_axes(arch):
         # DCN-style experts: each expert's own low-rank cross stack before its MLP (after the shared crosses
         # above, so those points stay cached runs too).
         axes.append(("expert_cross_layers", [{"expert_cross_layers": v, "expert_cross_rank": 32} for v in (1, 2)]))
+    # Piecewise-linear encoding of the numeric inputs (Gorishniy et al. 2022), newest and so last.
+    axes.append(("numeric_bins", [{"numeric_bins": v} for v in (16, 48)]))
     return axes
 
 
@@ -563,6 +567,8 @@ def main(argv=None):
     parser.add_argument("--refine", action="store_true",
                         help="then tune every architecture (the searched one too) with a short search "
                         "(refine_axes) from the --search-like architecture's chosen settings, on validation")
+    parser.add_argument("--select-seeds", type=int, default=1,
+                        help="--refine scores each point on the mean main-task validation AUC of seeds 0..N-1")
     parser.add_argument("--epochs", type=int, default=40)
     parser.add_argument("--patience", type=int, default=4)
     parser.add_argument("--no-anchor", action="store_true")
@@ -584,13 +590,15 @@ def main(argv=None):
     parser.add_argument("--cache", default=str(RESULTS / "census_runs.json"))
     parser.add_argument("--out", default=str(RESULTS / "census_quality.json"))
     args = parser.parse_args(argv)
+    if args.select_seeds < 1:
+        parser.error(f"--select-seeds must be >= 1, got {args.select_seeds}")
     if args.significance and args.no_anchor:
         parser.error("--significance tests against the anchor; drop --no-anchor")
 
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     cache = RunCache(args.cache, fresh=args.fresh)
-    report = {"protocol": None, "groups": {}, "command": " ".join(sys.argv)}
+    report = {"protocol": None, "groups": {}, "command": " ".join(sys.argv), "select_seeds": args.select_seeds}
     with tempfile.TemporaryDirectory() as workdir:
         sources = ([("arrays", p) for p in args.arrays] if args.arrays
                    else [("data", g) for g in args.groups])
@@ -622,7 +630,8 @@ def main(argv=None):
             if args.significance and "hist_gradient_boosting" in group_report:
                 log(f"group {group}: the anchor's test predictions (for --significance)")
                 anchor_scores = anchor_test_scores(features, tasks, splits,
-                                                   group_report["hist_gradient_boosting"]["settings"], args.anchor_buckets)
+                                                   group_report["hist_gradient_boosting"]["settings"],
+                                                   args.anchor_buckets)
             archs = sorted(args.archs, key=lambda a: a != args.search_like)  # the searched one first
             for arch in archs:
                 def run(settings, seed=0, arch=arch):
@@ -652,10 +661,12 @@ def main(argv=None):
                     # point, so none is compared at settings tuned for another.
                     start = dict(chosen_in_group.get(args.search_like)
                                  or {**TRAIN_DEFAULTS, **SEARCHED.get((group, args.search_like), BASE)})
+                    seeds = range(args.select_seeds)
                     log(f"refine g{group} {arch} from {args.search_like}'s settings (validation {main_task} AUC, "
-                        f"seed 0)")
-                    settings, table = coordinate_search(refine_axes(arch), start,
-                                                        lambda s: run(s)["valid"][main_task]["auc"], log)
+                        f"mean of seeds {list(seeds)})")
+                    settings, table = coordinate_search(
+                        refine_axes(arch), start,
+                        lambda s: float(np.mean([run(s, seed)["valid"][main_task]["auc"] for seed in seeds])), log)
                     search_log += [{"axis": f"refine: {a}", **key_settings(s), "valid_auc": v} for a, s, v in table]
                 runs = [run(settings, seed) for seed in range(args.seeds)]
                 for seed, r in enumerate(runs):
@@ -688,7 +699,8 @@ def _fmt(settings):
              "use_weights": "weights", "numeric": "numeric", "schedule": "schedule", "weight_decay": "wd",
              "patience": "patience", "main_loss_weight": "main weight", "numeric_buckets": "buckets",
              "cosine_epochs": "cosine epochs", "ema": "ema", "money": "money", "task_experts": "task experts",
-             "cross_layers": "cross", "expert_cross_layers": "expert cross", "expert_cross_rank": "expert cross rank"}
+             "cross_layers": "cross", "expert_cross_layers": "expert cross", "expert_cross_rank": "expert cross rank",
+             "numeric_bins": "piecewise bins"}
     parts = []
     for k, name in short.items():
         if k in settings:
@@ -741,7 +753,9 @@ def markdown(report) -> str:
             if a["search"]:
                 kind = ("Search" + (" and refine" if a.get("refined") else "") if a["searched"]
                         else "Refine (from the searched architecture's settings)")
-                lines += [f"{kind}, group {group} {arch} (seed 0, validation {main_task} AUC):", "",
+                seeds = report.get("select_seeds", 1)
+                scored = "seed 0" if seeds == 1 else f"search: seed 0; refine: mean of seeds 0-{seeds - 1}"
+                lines += [f"{kind}, group {group} {arch} ({scored}, validation {main_task} AUC):", "",
                           "| axis | settings | valid AUC |", "|---|---|---|"]
                 lines += [f"| {row['axis']} | {_fmt(row)} | {row['valid_auc']:.4f} |" for row in a["search"]]
                 lines.append("")

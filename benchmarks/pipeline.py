@@ -57,10 +57,12 @@ def main(argv=None) -> int:
               "beam_args": beam_args or config.beam_args, "cpus": os.cpu_count(), "components": rows,
               "pipeline_seconds": round(summary.total_seconds, 1), "import_seconds": round(imported, 1),
               "process_seconds": round(time.time() - _STARTED, 1), "error": summary.error,
-              "blessed": summary.blessed, "auc": {h: m.get("auc") for h, m in summary.metrics.get("overall", {}).items()}}
+              "blessed": summary.blessed,
+              "auc": {h: m.get("auc") for h, m in summary.metrics.get("overall", {}).items()}}
     print(f"\n| component | state | seconds |\n|---|---|---:|")
     for r in rows:
-        print(f"| {r['component']} | {r['state']} | {r['seconds'] if r['seconds'] is None else round(r['seconds'], 1)} |")
+        seconds = r["seconds"] if r["seconds"] is None else round(r["seconds"], 1)
+        print(f"| {r['component']} | {r['state']} | {seconds} |")
     print(f"| **pipeline (LocalDagRunner.run)** | | **{result['pipeline_seconds']}** |")
     print(f"| process (incl. {result['import_seconds']} s of imports) | | {result['process_seconds']} |")
     os.makedirs(os.path.dirname(args.out), exist_ok=True)

@@ -394,7 +394,8 @@ def print_table(rows):
         off = cells.get(("grpc", 1, 32, export))
         on = cells.get(("grpc batching", 1, 32, export))
         if off and on:
-            print(f"{export}: 32 batch-1 clients, batching on/off throughput = {on['throughput'] / off['throughput']:.2f}x")
+            gain = on["throughput"] / off["throughput"]
+            print(f"{export}: 32 batch-1 clients, batching on/off throughput = {gain:.2f}x")
         big = [(r["throughput"], mode, clients) for (mode, batch, clients, e), r in cells.items()
                if e == export and batch == 256 and mode.startswith("grpc")]
         if big:

@@ -121,8 +121,10 @@ def worker(args) -> dict:
               verbose=0, callbacks=[EpochTimer()])
     best = min(times[1:]) if len(times) > 1 else times[0]
     flops = forward_flops(model)
-    return {"steps_per_execution": args.steps_per_execution, "model": args.model, "backend": keras.backend.backend(), "xla": not args.no_xla or
-            keras.backend.backend() == "jax", "experts": args.experts, "lookup": args.lookup, "batch_size": args.batch_size,
+    backend = keras.backend.backend()
+    return {"steps_per_execution": args.steps_per_execution, "model": args.model, "backend": backend,
+            "xla": not args.no_xla or backend == "jax", "experts": args.experts, "lookup": args.lookup,
+            "batch_size": args.batch_size,
             "mixed_precision": args.mixed_precision, "examples_per_s": len(data) / best,
             "forward_flops_per_example": flops, "train_flops_per_example": 3 * flops,
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,

@@ -118,6 +118,10 @@ class ModelConfig:
             `mmoe.layers.ExpertBank`).
         expert_cross_rank: rank of the experts' cross matrices; 0 for full
             rank.
+        numeric_bins: with `T > 0`, each numeric input also enters as its
+            `T`-bin piecewise-linear encoding, bin edges at training-data
+            quantiles (0: off; see `mmoe.layers.PiecewiseLinearEncoding`;
+            `mmoe.training.fit` and the Trainer set the edges).
         embedding_dim: width cap for categorical embeddings.
         embedding_lookup: "auto", "gather" or "matmul": how embedding tables
             are read (same values; see `mmoe.layers.FeatureEmbedding`).
@@ -144,6 +148,7 @@ class ModelConfig:
     cross_rank: int = 0
     expert_cross_layers: int = 0
     expert_cross_rank: int = 0
+    numeric_bins: int = 0
     embedding_dim: int = 16
     embedding_lookup: str = "auto"
     mixed_precision: bool = False
@@ -186,6 +191,8 @@ class ModelConfig:
         if self.expert_cross_layers < 0 or self.expert_cross_rank < 0:
             raise ValueError(f"expert_cross_layers and expert_cross_rank must be >= 0, got "
                              f"{self.expert_cross_layers} and {self.expert_cross_rank}")
+        if self.numeric_bins < 0:
+            raise ValueError(f"numeric_bins must be >= 0, got {self.numeric_bins}")
         if self.embedding_lookup not in EMBEDDING_LOOKUPS:
             raise ValueError(f"embedding_lookup must be one of {EMBEDDING_LOOKUPS}, got {self.embedding_lookup!r}")
         if self.learning_rate <= 0:

@@ -69,7 +69,7 @@ def build_model(config: ModelConfig, features: Sequence[InputFeature], tasks: Se
 
     def embed(suffix=""):
         x = FeatureEmbedding(feature_dicts, max_embedding_dim=config.embedding_dim, lookup=config.embedding_lookup,
-                             name=f"embedding{suffix}")(inputs)
+                             numeric_bins=config.numeric_bins, name=f"embedding{suffix}")(inputs)
         if config.cross_layers:
             # float32 like the embedding: the gates read this too, and they stay float32 under mixed precision.
             x = FeatureCross(config.cross_layers, projection_dim=config.cross_rank or None, name=f"cross{suffix}")(x)

@@ -61,10 +61,30 @@ def _sample_weights(data: TaskData, tasks: Sequence[TaskSpec]):
     return {t.name: w for t in tasks}
 
 
+def adapt_model(model: keras.Model, inputs: Mapping[str, np.ndarray], force: bool = False) -> int:
+    """Sets every data-dependent layer's state (the piecewise-linear bin edges of `numeric_bins`) from
+    training inputs, dict name -> `[rows]` array; layers already adapted (e.g. a loaded model) are left
+    alone unless `force`. Returns how many layers were adapted."""
+    adapted = 0
+    for layer in model.layers:
+        if getattr(layer, "needs_adapt", False) or (force and getattr(layer, "adaptable", False)):
+            layer.adapt(inputs)
+            adapted += 1
+    return adapted
+
+
+def needs_adapt(model: keras.Model) -> bool:
+    """True when `adapt_model` has something to do (so callers can skip gathering a sample)."""
+    return any(getattr(layer, "needs_adapt", False) for layer in model.layers)
+
+
 def fit(model: keras.Model, tasks: Sequence[TaskSpec], train: TaskData, valid: Optional[TaskData] = None, *,
         epochs: int = 10, batch_size: int = 512, patience: int = 3, main_task: Optional[str] = None,
         verbose: int | str = "auto", callbacks: Sequence[keras.callbacks.Callback] = (), seed: int = 0):
     """Trains a compiled model; with `valid`, early-stops on the main task.
+
+    Layers that learn from the data before training (`numeric_bins` edges)
+    are adapted on `train.inputs` first, unless they already are.
 
     Early stopping watches the main task's validation AUC (RMSE for a
     regression head) and restores the best epoch's weights.
@@ -83,6 +103,7 @@ def fit(model: keras.Model, tasks: Sequence[TaskSpec], train: TaskData, valid: O
         monitor, mode = monitor_for(main, len(tasks))
         callbacks.append(keras.callbacks.EarlyStopping(monitor=monitor, mode=mode, patience=patience,
                                                        restore_best_weights=True))
+    adapt_model(model, train.inputs)
     keras.utils.set_random_seed(seed)
     return model.fit(train.inputs, train.labels, sample_weight=_sample_weights(train, tasks),
                      validation_data=validation_data, epochs=epochs, batch_size=batch_size,

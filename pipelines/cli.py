@@ -63,6 +63,9 @@ MODEL_FLAGS = {
     "--expert-cross-layers": ("expert_cross_layers", int,
                               "DCN-v2 cross layers inside each expert, before its MLP (0: none)"),
     "--expert-cross-rank": ("expert_cross_rank", int, "rank of the experts' cross matrices (0: full)"),
+    "--numeric-bins": ("numeric_bins", int,
+                       "also feed each numeric input as a piecewise-linear encoding over this many "
+                       "training-quantile bins (0: off)"),
     "--embedding-dim": ("embedding_dim", int, "cap on categorical embedding widths"),
     "--learning-rate": ("learning_rate", float, "Adam learning rate"),
 }

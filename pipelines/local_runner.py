@@ -347,8 +347,9 @@ def format_summary(summary: RunSummary, heads: Optional[List[str]] = None) -> st
                 lines.append(f"  ... and {len(slices) - 12} more")
     if summary.blessed is not None:
         if summary.blessed:
-            why = "every head passed its AUC floor" + (" and the comparison with the latest blessed model"
-                                                        if summary.baseline else " (no blessed model to compare with yet)")
+            why = "every head passed its AUC floor" + (
+                " and the comparison with the latest blessed model" if summary.baseline
+                else " (no blessed model to compare with yet)")
             lines.append(f"blessed: yes ({why})")
         else:
             lines.append("blessed: NO")

@@ -41,7 +41,8 @@ def add_commands(subparsers) -> None:
                      help=f"artifacts and the ML Metadata store (default {DEFAULT_PIPELINE_ROOT})")
     run.add_argument("--serving-dir", default=DEFAULT_SERVING_DIR, metavar="DIR",
                      help=f"blessed models go to DIR/<model_name>/<version> (default {DEFAULT_SERVING_DIR})")
-    run.add_argument("--metadata", metavar="FILE", help="SQLite ML Metadata file (default PIPELINE_ROOT/metadata.sqlite)")
+    run.add_argument("--metadata", metavar="FILE",
+                     help="SQLite ML Metadata file (default PIPELINE_ROOT/metadata.sqlite)")
     run.add_argument("--train-steps", type=int, help="training steps (default from the config: 2000)")
     run.add_argument("--eval-steps", type=int, help="validation steps per epoch (default: the whole eval split)")
     run.add_argument("--schema", metavar="FILE", help="curated schema (text proto), imported with ImportSchemaGen, to "

@@ -44,6 +44,8 @@ TRAIN_DEFAULTS = {
 }
 
 # Hyperparameters the Tuner may set and how they map onto ModelConfig.
+# Training rows the numeric bin edges (ModelConfig.numeric_bins) are taken from: quantiles settle long before.
+ADAPT_ROWS = 100_000
 TUNABLE = ("num_experts", "expert_units", "gate_temperature", "learning_rate")
 TUNER_DEFAULTS = {
     "max_trials": 4,
@@ -161,6 +163,49 @@ def make_dataset(patterns: Sequence[str], tft_output, spec, features, batch_size
     return ds.map(split, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
 
 
+def dataset_inputs(dataset, max_rows: int) -> Dict[str, Any]:
+    """The model inputs of a `make_dataset` dataset's first `max_rows` rows (at least one batch), as numpy
+    arrays: what `mmoe.training.adapt_model` sets the numeric bin edges from."""
+    import numpy as np
+
+    parts: Dict[str, list] = {}
+    rows = 0
+    for batch in dataset:
+        for name, values in batch[0].items():
+            parts.setdefault(name, []).append(values.numpy())
+        rows += len(next(iter(parts.values()))[-1])
+        if rows >= max_rows:
+            break
+    if not parts:
+        raise ValueError("no training examples to adapt the model's numeric bins on")
+    return {name: np.concatenate(values)[:max_rows] for name, values in parts.items()}
+
+
+def adapt_on_training_files(model, fn_args, tft_output, spec, features, batch_size: int) -> int:
+    """Sets the model's data-dependent state (`numeric_bins` edges) from the first `ADAPT_ROWS` training rows,
+    read in file order without shuffling. Returns the rows used: 0, and nothing read, when the model has no
+    such state."""
+    from mmoe.training import adapt_model, needs_adapt
+
+    if not needs_adapt(model):
+        return 0
+    dataset = make_dataset(fn_args.train_files, tft_output, spec, features, batch_size, training=False,
+                           use_weights=False)
+    inputs = dataset_inputs(dataset, ADAPT_ROWS)
+    adapt_model(model, inputs)
+    rows = len(next(iter(inputs.values())))
+    logging.info("adapted the numeric bin edges on %d training rows", rows)
+    return rows
+
+
+def bin_edges(model) -> Dict[str, List[float]]:
+    """{numeric input: bin edges} of the model's piecewise-linear encodings (the first embedding's)."""
+    for layer in model.layers:
+        if hasattr(layer, "bin_edges") and layer.bin_edges():
+            return layer.bin_edges()
+    return {}
+
+
 def distribution_strategy():
     """MirroredStrategy over every visible GPU; on a machine without one, one CPU replica."""
     import tensorflow as tf
@@ -216,6 +261,7 @@ def run_fn(fn_args) -> None:
                            use_weights=settings["use_weights"])
     with strategy.scope():
         model = compile_model(build_model(config, features, tasks), config, tasks, jit_compile=bool(settings["xla"]))
+    adapted_rows = adapt_on_training_files(model, fn_args, tft_output, spec, features, global_batch)
 
     train_steps = int(fn_args.train_steps or settings["steps_per_epoch"])
     steps_per_epoch = max(1, min(int(settings["steps_per_epoch"]), train_steps))
@@ -235,6 +281,7 @@ def run_fn(fn_args) -> None:
         json.dump({"model": config.to_dict(), "tasks": [t.to_dict() for t in tasks],
                    "inputs": [f.to_dict() for f in features], "train": settings, "replicas": replicas,
                    "global_batch": global_batch, "train_steps": train_steps, "epochs_run": len(history.epoch),
+                   "numeric_bins": {"rows": adapted_rows, "edges": bin_edges(model)},
                    "history": {k: [float(v) for v in vals] for k, vals in history.history.items()}}, fh, indent=1)
     export_serving_model(model, fn_args.transform_output, spec, fn_args.serving_model_dir,
                          xla=bool(settings["xla"]), with_gates=True)
@@ -279,7 +326,9 @@ def tuner_fn(fn_args):
 
     def build(hparams):
         config = apply_hyperparameters(base, hparams.values)
-        return compile_model(build_model(config, features, tasks), config, tasks, jit_compile=bool(settings["xla"]))
+        model = compile_model(build_model(config, features, tasks), config, tasks, jit_compile=bool(settings["xla"]))
+        adapt_on_training_files(model, fn_args, tft_output, spec, features, int(settings["batch_size"]))
+        return model
 
     monitor, mode = monitor_for(main, len(tasks))
     tuner = keras_tuner.RandomSearch(build, objective=keras_tuner.Objective(monitor, mode),

@@ -63,8 +63,9 @@ def _mode(args) -> str:
                if getattr(args, f) not in (None, [])]
     online = [f for f in ("logs", "labels", "key", "control", "treatment") if getattr(args, f) is not None]
     if offline and online:
+        given = ", --".join(o.replace("_", "-") for o in offline + online)
         raise ValueError(f"give either the offline options (--a, --b, --data, ...) or the online ones (--logs, "
-                         f"--labels, ...), not both; got --{', --'.join(o.replace('_', '-') for o in offline + online)}")
+                         f"--labels, ...), not both; got --{given}")
     if online:
         missing = [f for f in ("logs", "labels") if getattr(args, f) is None]
         if missing:

@@ -20,7 +20,7 @@ JAX_SCRIPT = textwrap.dedent("""
     train, test = data.take(np.arange(2048)), data.take(np.arange(2048, 3072))
     config = ModelConfig(arch="mmoe", gate="noisy_top_k", num_experts=4, expert_units=(16,), tower_units=(8,),
                          balance_loss_weight=0.01, learning_rate=0.01, cross_layers=1,
-                         expert_cross_layers=1, expert_cross_rank=4)
+                         expert_cross_layers=1, expert_cross_rank=4, numeric_bins=8)
     model = compile_model(build_model(config, features, tasks), config, tasks)
     fit(model, tasks, train, epochs=10, batch_size=128, verbose=0)
     model.save(sys.argv[1] + "/jax.keras")

@@ -320,6 +320,47 @@ def test_refine_tunes_the_other_architectures_from_the_chosen_settings(tmp_path,
     assert archs["omoe"]["test"]["income"]["runs"] == 2
 
 
+def test_select_seeds_scores_each_refine_point_on_the_mean_of_its_seeds(tmp_path, monkeypatch, capsys):
+    from benchmarks import census_quality
+    from mmoe import InputFeature, TaskSpec
+    from mmoe.training import TaskData
+
+    data = TaskData({"a": np.zeros(8, "float32")}, {"income": np.zeros(8), "marital": np.ones(8)})
+    protocol = {"name": "single-file split", "split": "60/20/20", "seed": 0, "rows": {"train": 8, "valid": 8, "test": 8}}
+    monkeypatch.setattr(census_quality, "prepare_arrays", lambda path: (
+        1, [InputFeature("a")], [TaskSpec("income"), TaskSpec("marital")],
+        {"train": data, "valid": data, "test": data}, protocol))
+    trained = []
+
+    def fake_train(arch, settings, *args, **kwargs):
+        # Learning rate 1e-3 wins on seed 0 by chance and loses on seed 1 by more: only one seed picks it.
+        seed = args[3]
+        trained.append((json.dumps(settings, sort_keys=True), seed))
+        auc = 0.9 + ({0: 0.01, 1: -0.03}.get(seed, 0.0) if settings["learning_rate"] == 1e-3 else 0.0)
+        scores = {"income": {"auc": auc}, "marital": {"auc": 0.99}}
+        return {"valid": scores, "test": scores, "epochs": 3, "seconds": 0.1, "params": 10}
+
+    monkeypatch.setattr(census_quality, "train_once", fake_train)
+    chosen = {}
+    for select in (1, 2):
+        out = tmp_path / f"select{select}.json"
+        assert census_quality.main(["--arrays", "x.npz", "--archs", "mmoe", "--seeds", "1", "--no-anchor", "--refine",
+                                    "--select-seeds", str(select), "--cache", str(tmp_path / "runs.json"),
+                                    "--out", str(out)]) == 0
+        report = json.loads(out.read_text())
+        chosen[select] = report["groups"]["1"]["archs"]["mmoe"]
+        assert report["select_seeds"] == select
+    assert chosen[1]["settings"]["learning_rate"] == 1e-3
+    assert chosen[2]["settings"]["learning_rate"] == 2e-3  # the searched point, kept
+    row = next(r for r in chosen[2]["search"] if r["axis"] == "refine: learning_rate" and r["learning_rate"] == 1e-3)
+    assert row["valid_auc"] == pytest.approx(0.9 - 0.01)
+    # No run was trained twice: the second command took every seed-0 run it shared with the first from the cache.
+    assert len(set(trained)) == len(trained) and any(seed == 1 for _, seed in trained)
+    assert "refine: mean of seeds 0-1" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        census_quality.main(["--arrays", "x.npz", "--select-seeds", "0", "--out", str(tmp_path / "x.json")])
+
+
 def test_significance_tests_the_seeds_mean_auc_against_the_refitted_anchor(tmp_path, monkeypatch, capsys):
     from benchmarks import census_quality
     from mmoe import InputFeature, TaskSpec

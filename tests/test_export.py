@@ -245,6 +245,7 @@ def test_spec_with_also_bucketize_and_crosses_exports_and_matches_keras(tmp_path
     from features.spec import load_dataset_spec
     from features.transform import transform_in_process, transformed_feature_info
     from mmoe import InputFeature, ModelConfig, TaskSpec, build_model
+    from mmoe.training import adapt_model
     from test_dataset_config import CONFIG, make_csv
 
     config = tmp_path / "clicks.yaml"
@@ -258,14 +259,18 @@ def test_spec_with_also_bucketize_and_crosses_exports_and_matches_keras(tmp_path
     inputs = [InputFeature.from_dict(i) for i in transformed_feature_info(spec, tft_output)]
     assert "age_bucket" in {i.name for i in inputs}
     tasks = [TaskSpec(t.name, t.kind) for t in spec.tasks]
-    # With shared and per-expert cross layers, so both exports (XLA or not) are checked on them too.
+    # With shared and per-expert cross layers and piecewise-linear numeric encodings (edges adapted on the
+    # transformed rows), so both exports (XLA or not) are checked on them too.
     model = build_model(ModelConfig(num_experts=2, expert_units=(4,), tower_units=(4,), cross_layers=1,
-                                    expert_cross_layers=1, expert_cross_rank=2), inputs, tasks)
+                                    expert_cross_layers=1, expert_cross_rank=2, numeric_bins=3), inputs, tasks)
+    transform = tft_output.transform_features_layer()
+    transformed = transform({k: tf.constant(v) for k, v in raw_columns(frame, spec).items()})
+    assert adapt_model(model, {i.name: transformed[i.name].numpy() for i in inputs}) == 1
     export_dir = str(tmp_path / "export" / "1")
     export_serving_model(model, str(tmp_path / "tft"), spec, export_dir, xla=xla)
 
     rows = frame.iloc[:37]
-    transformed = tft_output.transform_features_layer()({k: tf.constant(v) for k, v in raw_columns(rows, spec).items()})
+    transformed = transform({k: tf.constant(v) for k, v in raw_columns(rows, spec).items()})
     want = model.predict({i.name: transformed[i.name] for i in inputs}, verbose=0)
     got = _call_examples(tf.saved_model.load(export_dir), example_bytes(rows, spec))
     for task in spec.task_names:

@@ -102,7 +102,8 @@ def test_unexpected_label_value(tmp_path):
 
 
 def test_regression_label_must_be_numeric_and_present(tmp_path):
-    with pytest.raises(DataError, match=r"'watch_time' \(label of task 'watch'\) has non-numeric value\(s\): line 2: 'long'"):
+    with pytest.raises(DataError,
+                       match=r"'watch_time' \(label of task 'watch'\) has non-numeric value\(s\): line 2: 'long'"):
         read_dataset(write(tmp_path, HEADER + "\nu1,fr,30,yes,long\n"), spec())
     with pytest.raises(DataError, match=r"'watch_time' .* missing value\(s\): line 2: '\?'"):
         read_dataset(write(tmp_path, HEADER + "\nu1,fr,30,yes,?\n", name="m.csv"), spec())

@@ -108,7 +108,8 @@ def _write(tmp_path, data, name="spec.json"):
 
 
 @pytest.mark.parametrize("mutate, message", [
-    (lambda d: d["features"].append({"name": "w2", "type": "embedding"}), "features[3] ('w2'): unknown feature type 'embedding'"),
+    (lambda d: d["features"].append({"name": "w2", "type": "embedding"}),
+     "features[3] ('w2'): unknown feature type 'embedding'"),
     (lambda d: d["features"].append({"name": "x"}), "features[3] ('x'): missing key 'type'"),
     (lambda d: d["features"][2].update(bukets=3), "features[2] ('age'): unknown key(s) ['bukets']"),
     (lambda d: d["tasks"][1].update(kind="ranking"), "tasks[1] ('watch'): task 'watch': unknown kind 'ranking'"),

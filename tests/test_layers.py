@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 from keras import ops
 
-from mmoe.layers import (MLP, ExpertBank, ExpertMixture, FeatureCross, FeatureEmbedding, Gate, TaskHead,
-                         importance_cv_squared)
+from mmoe.layers import (MLP, ExpertBank, ExpertMixture, FeatureCross, FeatureEmbedding, Gate,
+                         PiecewiseLinearEncoding, TaskHead, importance_cv_squared)
 
 
 def _np(x):
@@ -201,6 +201,8 @@ def test_task_head_outputs():
     TaskHead("regression"),
     FeatureEmbedding([{"name": "c", "kind": "categorical", "vocab_size": 9, "embedding_dim": None}]),
     FeatureCross(3, projection_dim=4),
+    PiecewiseLinearEncoding(5),
+    FeatureEmbedding([{"name": "n", "kind": "numeric"}], numeric_bins=7),
     ExpertBank(3, [4, 2], dropout=0.1, cross_layers=2, cross_rank=3),
 ])
 def test_layer_config_round_trip(layer):
@@ -312,3 +314,104 @@ def test_auto_lookup_uses_matmul_only_for_small_tables():
     assert FeatureEmbedding.from_config(hashed.get_config()).group_lookups == ("gather", "matmul")
     with pytest.raises(ValueError, match="lookup must be one of"):
         FeatureEmbedding(_embedding_features(), lookup="onehot")
+
+
+def _piecewise_reference(x, edges):
+    """Piecewise-linear encoding written out bin by bin: merged repeated edges, open first and last bins."""
+    out = []
+    for value, feature_edges in zip(x, edges):
+        distinct = np.unique(feature_edges)
+        bins = len(distinct) - 1
+        row = np.zeros(len(feature_edges) - 1)
+        for t in range(bins):
+            low, high = distinct[t], distinct[t + 1]
+            z = (value - low) / (high - low)
+            row[t] = z if (t == 0 and z < 0) or (t == bins - 1 and z > 1) else min(max(z, 0.0), 1.0)
+        out.append(row)
+    return np.concatenate(out)
+
+
+def test_piecewise_encoding_adapts_to_quantiles_and_matches_its_definition():
+    rng = np.random.default_rng(3)
+    smooth = rng.normal(size=2000)
+    money = np.where(rng.random(2000) < 0.8, 0.0, rng.exponential(100.0, 2000))  # a mass point at zero
+    train = np.stack([smooth, money], axis=1)
+    layer = PiecewiseLinearEncoding(8)
+    layer.adapt(train)
+    edges = _np(layer.edges)
+    np.testing.assert_allclose(edges[0], np.quantile(smooth, np.linspace(0, 1, 9)), rtol=1e-6)
+    # The money column's repeated zero quantiles are merged: two edges above zero are left, the rest pad the top.
+    distinct = np.unique(np.quantile(money, np.linspace(0, 1, 9)))
+    assert len(distinct) == 3
+    np.testing.assert_allclose(edges[1, :3], distinct, rtol=1e-6)
+    assert (edges[1, 3:] == edges[1, 2]).all()
+    # Values inside, on the edges of, and beyond the training range (both open ends extrapolate).
+    x = np.stack([np.concatenate([smooth[:5], edges[0], [-9.0, 9.0]]),
+                  np.concatenate([money[:5], edges[1], [-50.0, 5000.0]])], axis=1).astype("float32")
+    got = _np(layer(x))
+    assert got.shape == (len(x), 16)
+    want = np.stack([_piecewise_reference(row, edges) for row in x])
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    assert (got[:, 8 + 2:] == 0).all()  # the money column's unused bins
+
+
+def test_piecewise_encoding_lets_a_linear_layer_fit_a_bend():
+    # |x| has a bend at 0: linear in x it cannot be fitted at all, linear in the encoding almost exactly.
+    rng = np.random.default_rng(4)
+    x = rng.uniform(-3, 3, size=(4096, 1)).astype("float32")
+    y = np.abs(x[:, 0])
+    encoding = PiecewiseLinearEncoding(8)
+    encoding.adapt(x)
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((1,))
+    model = keras.Model(inputs, keras.layers.Dense(1)(encoding(inputs)))
+    model.compile(keras.optimizers.Adam(0.05), "mse")
+    model.fit(x, y, epochs=40, batch_size=256, verbose=0)
+    assert model.evaluate(x, y, verbose=0) < 0.01 * np.var(y)
+
+
+def test_piecewise_encoding_defaults_and_bad_input():
+    layer = PiecewiseLinearEncoding(4)
+    out = _np(layer(np.array([[-3.0], [0.0], [1.5], [3.0]], "float32")))
+    # Before adapt: edges -2, -1, 0, 1, 2 (z-scored inputs).
+    np.testing.assert_allclose(out, [[-1, 0, 0, 0], [1, 1, 0, 0], [1, 1, 1, 0.5], [1, 1, 1, 2]])
+    assert not layer.is_adapted
+    layer.adapt(np.arange(10.0).reshape(-1, 1))
+    assert layer.is_adapted
+    with pytest.raises(ValueError, match="num_bins"):
+        PiecewiseLinearEncoding(0)
+    with pytest.raises(ValueError, match="2 features"):
+        layer.adapt(np.zeros((5, 2)))
+    with pytest.raises(ValueError, match="NaN"):
+        layer.adapt(np.array([[1.0], [np.nan]]))
+    with pytest.raises(ValueError, match="non-empty"):
+        layer.adapt(np.zeros((0, 1)))
+
+
+def test_feature_embedding_appends_piecewise_encodings_of_numeric_inputs():
+    features = [{"name": "n", "kind": "numeric"}, {"name": "m", "kind": "numeric"},
+                {"name": "c", "kind": "categorical", "vocab_size": 5, "embedding_dim": 3}]
+    layer = FeatureEmbedding(features, numeric_bins=4)
+    inputs = {"n": np.array([0.5, 3.0], "float32"), "m": np.array([-1.0, 2.0], "float32"),
+              "c": np.array([1, 2], "int32")}
+    out = _np(layer(inputs))
+    assert out.shape == (2, layer.output_dim) == (2, 2 + 2 * 4 + 3)
+    np.testing.assert_allclose(out[:, :2], [[0.5, -1.0], [3.0, 2.0]])  # the raw values stay
+    np.testing.assert_allclose(out[:, 2:10], _np(layer.piecewise(np.stack([inputs["n"], inputs["m"]], axis=1))))
+    np.testing.assert_allclose(out[:, 10:], _np(layer.rows("c"))[[1, 2]])
+    assert layer.needs_adapt
+    layer.adapt({"n": np.arange(100.0), "m": np.arange(100.0) * 2, "c": np.zeros(100)})
+    assert not layer.needs_adapt
+    np.testing.assert_allclose(_np(layer.piecewise.edges)[1], np.linspace(0, 198, 5), rtol=1e-6)
+    with pytest.raises(KeyError, match="m"):
+        layer.adapt({"n": np.arange(10.0)})
+    # Adapting builds a layer that has not been called yet.
+    fresh = FeatureEmbedding(features, numeric_bins=4)
+    fresh.adapt({"n": np.arange(100.0), "m": np.arange(100.0) * 2})
+    assert fresh.adaptable and not fresh.needs_adapt and fresh.bin_edges()["m"] == list(np.linspace(0, 198, 5))
+    assert _np(fresh(inputs)).shape == out.shape
+    # Without numeric inputs, or without bins, there is nothing to adapt.
+    assert not FeatureEmbedding(features[2:], numeric_bins=4).adaptable
+    assert not FeatureEmbedding(features).adaptable and FeatureEmbedding(features).bin_edges() == {}
+    with pytest.raises(ValueError, match="numeric_bins"):
+        FeatureEmbedding(features, numeric_bins=-1)

@@ -140,6 +140,8 @@ def test_config_validation_and_round_trip():
         ModelConfig(cross_layers=-1)
     with pytest.raises(ValueError, match="expert_cross_layers and expert_cross_rank"):
         ModelConfig(expert_cross_rank=-2)
+    with pytest.raises(ValueError, match="numeric_bins"):
+        ModelConfig(numeric_bins=-1)
     with pytest.raises(ValueError, match="embedding_lookup must be one of"):
         ModelConfig(embedding_lookup="dense")
     with pytest.raises(ValueError, match="kind"):
@@ -188,6 +190,35 @@ def test_expert_crosses_reach_every_expert_bank(arch, toy, tmp_path):
     assert (build_model(ModelConfig(arch="shared_bottom", expert_cross_layers=2, **SMALL), features, tasks)
             .count_params() == build_model(ModelConfig(arch="shared_bottom", **SMALL), features, tasks).count_params())
     _assert_trained_model_round_trips(model, config, tasks, train, test, tmp_path / "expert_cross.keras")
+
+
+@pytest.mark.parametrize("arch", ["mmoe", "single_task"])
+def test_numeric_bins_are_adapted_by_fit_and_saved_with_the_model(arch, toy, tmp_path):
+    from mmoe.training import adapt_model, needs_adapt
+
+    features, tasks, train, test = toy
+    config = ModelConfig(arch=arch, numeric_bins=6, **SMALL)
+    model = build_model(config, features, tasks)
+    embeddings = [layer for layer in model.layers if layer.__class__.__name__ == "FeatureEmbedding"]
+    assert len(embeddings) == (len(tasks) if arch == "single_task" else 1)
+    # Both numeric inputs gain 6 components each; the categorical embedding is unchanged.
+    plain = build_model(ModelConfig(arch=arch, **SMALL), features, tasks).get_layer(embeddings[0].name)
+    assert embeddings[0].output_dim == plain.output_dim + 2 * 6
+    assert needs_adapt(model)
+    loaded = _assert_trained_model_round_trips(model, config, tasks, train, test, tmp_path / "bins.keras")
+    # fit adapted every embedding on the rows it trained on (the helper trains on the first 512).
+    numeric = np.stack([train.inputs["a"][:512], train.inputs["b"][:512]], axis=1)
+    want = np.quantile(numeric, np.linspace(0, 1, 7), axis=0).T
+    for layer in embeddings + [loaded.get_layer(e.name) for e in embeddings]:
+        np.testing.assert_allclose(keras.ops.convert_to_numpy(layer.piecewise.edges), want, rtol=1e-5, atol=1e-6)
+    # A loaded (already adapted) model keeps its edges when it trains on other rows; `force` re-adapts.
+    assert not needs_adapt(loaded)
+    fit(loaded, tasks, train.take(np.arange(2048, 2560)), epochs=1, batch_size=128, verbose=0)
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(loaded.get_layer(embeddings[0].name).piecewise.edges),
+                               want, rtol=1e-5, atol=1e-6)
+    assert adapt_model(loaded, train.take(np.arange(2048, 2560)).inputs, force=True) == len(embeddings)
+    assert not np.allclose(keras.ops.convert_to_numpy(loaded.get_layer(embeddings[0].name).piecewise.edges), want)
+    assert adapt_model(build_model(ModelConfig(arch=arch, **SMALL), features, tasks), train.inputs) == 0
 
 
 def test_embedding_lookup_setting_reaches_the_embedding_layer(toy):

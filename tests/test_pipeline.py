@@ -269,6 +269,8 @@ def _good_config_data():
     # Income has 5-10 positives among ~120 eval rows: after 30 steps its AUC is noise (0.17-0.62 seen), so only
     # marital (AUC ~0.9) is held to a floor; both are held to the no-regression check against the baseline.
     data["evaluation"]["auc_floors"] = {"income": 0.0}
+    # Piecewise-linear numeric encodings: the Trainer (and each Tuner trial) adapts their edges on the train split.
+    data["model"]["numeric_bins"] = 4
     # The model's own values (4 experts, 16 units, temperature 1) are outside the search space, so the
     # trained model can only match the Tuner's choice if that choice reached the Trainer.
     data["tuner"] = {"enabled": True, "max_trials": 2, "steps_per_trial": 5, "num_experts": [2, 3],
@@ -400,6 +402,27 @@ def test_end_to_end_artifacts(good_run):
     training = json.load(open(os.path.join(run_dir, "training.json")))
     assert training["replicas"] == 1 and training["global_batch"] == 64
     assert s.blessed is True and s.pushed is True and not s.pushed_again
+
+
+@pytest.mark.slow
+def test_trainer_adapts_numeric_bins_on_the_transformed_train_split(good_run):
+    import tensorflow as tf
+    from tfx.dsl.io import fileio
+
+    from pipelines import pipeline as pl
+
+    s = good_run["summary"]
+    with open(os.path.join(s.output_uri(pl.TRAINER, "model_run"), "training.json")) as fh:
+        training = json.load(fh)
+    assert training["model"]["numeric_bins"] == 4
+    train_dir = os.path.join(s.output_uri(pl.TRANSFORM, "transformed_examples"), "Split-train")
+    files = [os.path.join(train_dir, f) for f in fileio.listdir(train_dir)]
+    ages = [tf.train.Example.FromString(r.numpy()).features.feature["age"].float_list.value[0]
+            for r in tf.data.TFRecordDataset(files, compression_type="GZIP")]
+    assert training["numeric_bins"]["rows"] == len(ages) > 0
+    edges = training["numeric_bins"]["edges"]
+    assert "age" in edges and "capital_gains" in edges and len(edges["age"]) == 5
+    np.testing.assert_allclose(edges["age"], np.quantile(ages, np.linspace(0, 1, 5)), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.slow

@@ -174,7 +174,8 @@ def test_batches_are_padded_to_the_next_allowed_size():
 
 @pytest.mark.slow
 def test_fused_transform_equals_tf_transform_with_also_bucketize(tmp_path):
-    """A numeric feature that also emits a bucket id, beside a bucketize one and a log one: same values as tf.Transform."""
+    """A numeric feature that also emits a bucket id, beside a bucketize one and a log one: same values as
+    tf.Transform."""
     import tensorflow_transform as tft
 
     from features.io import read_dataset
@@ -185,7 +186,8 @@ def test_fused_transform_equals_tf_transform_with_also_bucketize(tmp_path):
     config = tmp_path / "clicks.yaml"
     # age: number + 5 quantile buckets; clicks: log1p number + 3 buckets of the logged value; score stays
     # bucketize-only, between them in the analyzer order, so a boundary list read out of order would show.
-    text = textwrap.dedent(CONFIG).replace("{name: age, type: numeric}", "{name: age, type: numeric, also_bucketize: 5}")
+    text = textwrap.dedent(CONFIG).replace("{name: age, type: numeric}",
+                                           "{name: age, type: numeric, also_bucketize: 5}")
     text = text.replace("{name: clicks, type: numeric, log: true}",
                         "{name: clicks, type: numeric, log: true, also_bucketize: 3}")
     config.write_text(text)

@@ -29,7 +29,7 @@ def test_train_writes_model_transform_and_metrics(small_census, tmp_path, capsys
     out = tmp_path / "run"
     rc = main(["train", "--data", str(small_census), "--task-group", "1", "--arch", "mmoe", "--out", str(out),
                "--epochs", "3", "--num-experts", "4", "--expert-units", "16", "--batch-size", "256", "--seed", "3",
-               "--learning-rate", "0.01"])
+               "--learning-rate", "0.01", "--numeric-bins", "4"])
     assert rc == 0
     metrics = json.loads((out / "metrics.json").read_text())
     assert set(metrics["tasks"]) == {"income", "marital"}
@@ -49,6 +49,11 @@ def test_train_writes_model_transform_and_metrics(small_census, tmp_path, capsys
     assert not input_names & {"education", "marital_stat", "income_50k", "instance_weight"}
     model = keras.saving.load_model(out / "model.keras")
     assert set(model.output) == {"income", "marital"}
+    # --numeric-bins reached the model, and the saved edges are the training split's (age is z-scored, so its
+    # quartile edges straddle 0), not the unadapted default.
+    assert run_config["model"]["numeric_bins"] == 4
+    age_edges = model.get_layer("embedding").bin_edges()["age"]
+    assert len(age_edges) == 5 and age_edges != [-2.0, -1.0, 0.0, 1.0, 2.0] and age_edges[0] < 0 < age_edges[-1]
     assert "income" in capsys.readouterr().out
     # A second run into the same directory is refused rather than overwritten.
     rc = main(["train", "--data", str(small_census), "--out", str(out), "--epochs", "1"])
@@ -141,6 +146,7 @@ def test_unexpected_label_value_names_column(tmp_path, census_lines, capsys):
     (["--loss-weights", "salary=2"], "salary"),
     (["--gate-temperature", "0"], "gate_temperature"),
     (["--expert-cross-layers", "-1"], "expert_cross_layers"),
+    (["--numeric-bins", "-3"], "numeric_bins"),
 ])
 def test_bad_settings_are_clear_errors(small_census, tmp_path, capsys, flags, expected):
     err = _run_error(["train", "--data", str(small_census), "--out", str(tmp_path / "o")] + flags, capsys)

@@ -5,6 +5,7 @@ from mmoe.layers.experts import ExpertBank
 from mmoe.layers.gates import Gate, importance_cv_squared
 from mmoe.layers.mixture import ExpertMixture
 from mmoe.layers.mlp import MLP, TaskHead
+from mmoe.layers.piecewise import PiecewiseLinearEncoding
 
-__all__ = ["ExpertBank", "ExpertMixture", "FeatureCross", "FeatureEmbedding", "Gate", "MLP", "TaskHead",
-           "importance_cv_squared"]
+__all__ = ["ExpertBank", "ExpertMixture", "FeatureCross", "FeatureEmbedding", "Gate", "MLP",
+           "PiecewiseLinearEncoding", "TaskHead", "importance_cv_squared"]

@@ -6,6 +6,7 @@ import numpy as np
 from keras import ops
 
 from mmoe.config import EMBEDDING_LOOKUPS as LOOKUPS
+from mmoe.layers.piecewise import PiecewiseLinearEncoding
 # `lookup="auto"` uses the one-hot matmul for a table when (rows x features) is at most this: the matmul then
 # costs 2 * rows * features * width FLOPs per example, a few thousand for the census vocabularies, while a
 # hashed feature with 10^5 buckets stays a gather.
@@ -43,6 +44,10 @@ class FeatureEmbedding(keras.layers.Layer):
         max_embedding_dim: cap for embeddings whose width is not given.
         lookup: `"gather"`, `"matmul"`, or `"auto"` (matmul for tables with
             rows x features <= `MATMUL_MAX_ROWS_X_FEATURES`, else gather).
+        numeric_bins: with `T > 0`, every numeric feature is also given as
+            its `T`-bin piecewise-linear encoding
+            (`mmoe.layers.PiecewiseLinearEncoding`), whose bin edges `adapt`
+            sets from training inputs.
 
     Call arguments:
         inputs: dict name -> `[batch]` tensor (float for numeric, integer ids
@@ -50,11 +55,12 @@ class FeatureEmbedding(keras.layers.Layer):
             range rather than failing inside a gather.
 
     Returns:
-        `[batch, output_dim]`: the numeric features in spec order, then the
+        `[batch, output_dim]`: the numeric features in spec order, their
+        piecewise-linear encodings (`numeric_bins > 0`), then the
         embeddings grouped by width (in order of first appearance).
     """
 
-    def __init__(self, features, max_embedding_dim=16, lookup="auto", **kwargs):
+    def __init__(self, features, max_embedding_dim=16, lookup="auto", numeric_bins=0, **kwargs):
         super().__init__(**kwargs)
         self.features = [dict(f) for f in features]
         if not self.features:
@@ -64,6 +70,11 @@ class FeatureEmbedding(keras.layers.Layer):
         self.lookup = lookup
         self.max_embedding_dim = int(max_embedding_dim)
         self.numeric = [f["name"] for f in self.features if f["kind"] == "numeric"]
+        if int(numeric_bins) < 0:
+            raise ValueError(f"numeric_bins must be >= 0, got {numeric_bins}")
+        self.numeric_bins = int(numeric_bins)
+        self.piecewise = (PiecewiseLinearEncoding(self.numeric_bins, name="piecewise")
+                          if self.numeric_bins and self.numeric else None)
         groups: dict[int, list[tuple[str, int, int]]] = {}
         for f in self.features:
             if f["kind"] == "categorical":
@@ -87,7 +98,8 @@ class FeatureEmbedding(keras.layers.Layer):
 
     @property
     def output_dim(self) -> int:
-        return len(self.numeric) + sum(dim * len(members) for dim, members in self.groups)
+        numeric = len(self.numeric) * (1 + (self.numeric_bins if self.piecewise is not None else 0))
+        return numeric + sum(dim * len(members) for dim, members in self.groups)
 
     def rows(self, name):
         """The embedding rows of one categorical feature, `[vocab_size, dim]`."""
@@ -100,6 +112,38 @@ class FeatureEmbedding(keras.layers.Layer):
     def build(self, input_shape):
         for table in self.tables:
             table.build((None, None))
+        if self.piecewise is not None:
+            self.piecewise.build((None, len(self.numeric)))
+
+    @property
+    def adaptable(self) -> bool:
+        """True when the layer has state to set from training inputs (`adapt`): piecewise-linear encodings."""
+        return self.piecewise is not None
+
+    @property
+    def needs_adapt(self) -> bool:
+        """True while a piecewise-linear encoding still has its default edges."""
+        return self.adaptable and not self.piecewise.is_adapted
+
+    def bin_edges(self) -> dict:
+        """{numeric input: its `numeric_bins + 1` bin edges} ({} without `numeric_bins`)."""
+        if self.piecewise is None or not self.piecewise.built:
+            return {}
+        edges = ops.convert_to_numpy(self.piecewise.edges)
+        return {name: [float(v) for v in row] for name, row in zip(self.numeric, edges)}
+
+    def adapt(self, inputs) -> None:
+        """Sets the piecewise-linear bin edges from training inputs (dict name -> `[rows]` array); a no-op
+        without `numeric_bins`."""
+        if self.piecewise is None:
+            return
+        missing = [n for n in self.numeric if n not in inputs]
+        if missing:
+            raise KeyError(f"adapt is missing numeric input(s): {missing}")
+        if not self.built:
+            self.build(None)
+        self.piecewise.adapt(np.stack([np.asarray(inputs[n], dtype="float64").reshape(-1) for n in self.numeric],
+                                      axis=1))
 
     def call(self, inputs, training=None):
         missing = [f["name"] for f in self.features if f["name"] not in inputs]
@@ -107,8 +151,11 @@ class FeatureEmbedding(keras.layers.Layer):
             raise KeyError(f"missing model input(s): {missing}")
         parts = []
         if self.numeric:
-            parts.append(ops.stack([ops.reshape(ops.cast(inputs[n], self.compute_dtype), (-1,))
-                                    for n in self.numeric], axis=1))
+            numeric = ops.stack([ops.reshape(ops.cast(inputs[n], self.compute_dtype), (-1,)) for n in self.numeric],
+                                axis=1)
+            parts.append(numeric)
+            if self.piecewise is not None:
+                parts.append(ops.cast(self.piecewise(numeric), self.compute_dtype))
         for table, (dim, members), rows, lookup in zip(self.tables, self.groups, self.group_rows,
                                                         self.group_lookups):
             ids = [ops.clip(ops.reshape(ops.cast(inputs[name], "int32"), (-1,)), 0, size - 1) + offset
@@ -140,5 +187,5 @@ class FeatureEmbedding(keras.layers.Layer):
     def get_config(self):
         config = super().get_config()
         config.update({"features": self.features, "max_embedding_dim": self.max_embedding_dim,
-                       "lookup": self.lookup})
+                       "lookup": self.lookup, "numeric_bins": self.numeric_bins})
         return config

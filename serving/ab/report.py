@@ -31,7 +31,8 @@ def build_report(*, mode: str, arms: Dict[str, dict], data: dict, heads: dict, o
                      "ci_level": 1 - settings.alpha,
                      "multiple_testing": "Holm across the heads (overall) and across heads x values (per slice "
                                          "column)"},
-        "srm": srm, "heads": {k: v for k, v in heads.items() if k != "compared"} | {"compared": list(heads["compared"])},
+        "srm": srm,
+        "heads": {k: v for k, v in heads.items() if k != "compared"} | {"compared": list(heads["compared"])},
         "overall": overall, "slices": slices, "reliability": curves, "gates": gates, **(extra or {}),
     }
 

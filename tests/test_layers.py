@@ -378,6 +378,11 @@ def test_piecewise_encoding_defaults_and_bad_input():
     assert not layer.is_adapted
     layer.adapt(np.arange(10.0).reshape(-1, 1))
     assert layer.is_adapted
+    # Quantiles that differ only below float32 precision are one edge, so no zero-width bin sits mid-way.
+    close = PiecewiseLinearEncoding(3)
+    close.adapt(np.array([[0.0], [1.0], [1.0 + 1e-9], [2.0]]))  # quantiles 0, 1, 1 + 1e-9, 2
+    np.testing.assert_array_equal(_np(close.edges)[0], [0.0, 1.0, 2.0, 2.0])
+    np.testing.assert_allclose(_np(close(np.array([[5.0]], "float32")))[0], [1.0, 4.0, 0.0])
     with pytest.raises(ValueError, match="num_bins"):
         PiecewiseLinearEncoding(0)
     with pytest.raises(ValueError, match="2 features"):

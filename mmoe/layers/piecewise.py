@@ -73,12 +73,13 @@ class PiecewiseLinearEncoding(keras.layers.Layer):
             raise ValueError(f"adapt got {data.shape[1]} features, the layer was built for {n}")
         if not np.isfinite(data).all():
             raise ValueError("adapt got NaN or infinite values; fill missing values first")
-        quantiles = np.quantile(data, np.linspace(0.0, 1.0, self.num_bins + 1), axis=0).T  # [n, T + 1]
-        edges = np.empty_like(quantiles)
+        # Merged in float32, the edges' own precision: quantiles distinct in float64 can round to one value.
+        quantiles = np.quantile(data, np.linspace(0.0, 1.0, self.num_bins + 1), axis=0).T.astype("float32")
+        edges = np.empty_like(quantiles)  # [n, T + 1]
         for i, q in enumerate(quantiles):
             distinct = np.unique(q)  # sorted; padded with the largest, so unused bins are zero-width and last
             edges[i] = np.concatenate([distinct, np.full(len(q) - len(distinct), distinct[-1])])
-        self.edges.assign(edges.astype("float32"))
+        self.edges.assign(edges)
         self.adapted.assign(1.0)
 
     def call(self, inputs):

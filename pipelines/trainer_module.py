@@ -23,6 +23,7 @@ TensorFlow directly.
 """
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -43,9 +44,9 @@ TRAIN_DEFAULTS = {
     "shuffle_buffer": 10_000,
 }
 
-# Hyperparameters the Tuner may set and how they map onto ModelConfig.
 # Training rows the numeric bin edges (ModelConfig.numeric_bins) are taken from: quantiles settle long before.
 ADAPT_ROWS = 100_000
+# Hyperparameters the Tuner may set and how they map onto ModelConfig.
 TUNABLE = ("num_experts", "expert_units", "gate_temperature", "learning_rate")
 TUNER_DEFAULTS = {
     "max_trials": 4,
@@ -181,17 +182,25 @@ def dataset_inputs(dataset, max_rows: int) -> Dict[str, Any]:
     return {name: np.concatenate(values)[:max_rows] for name, values in parts.items()}
 
 
-def adapt_on_training_files(model, fn_args, tft_output, spec, features, batch_size: int) -> int:
-    """Sets the model's data-dependent state (`numeric_bins` edges) from the first `ADAPT_ROWS` training rows,
-    read in file order without shuffling. Returns the rows used: 0, and nothing read, when the model has no
-    such state."""
+def training_sample(fn_args, tft_output, spec, features, batch_size: int):
+    """A function returning the model inputs of the first `ADAPT_ROWS` training rows, read in file order
+    without shuffling: read on the first call only, so Tuner trials share one read."""
+    @functools.lru_cache(maxsize=None)
+    def read() -> Dict[str, Any]:
+        dataset = make_dataset(fn_args.train_files, tft_output, spec, features, batch_size, training=False,
+                               use_weights=False)
+        return dataset_inputs(dataset, ADAPT_ROWS)
+    return read
+
+
+def adapt_on_training_files(model, sample) -> int:
+    """Sets the model's data-dependent state (`numeric_bins` edges) from `sample()` (see `training_sample`).
+    Returns the rows used: 0, and `sample` not called, when the model has no such state."""
     from mmoe.training import adapt_model, needs_adapt
 
     if not needs_adapt(model):
         return 0
-    dataset = make_dataset(fn_args.train_files, tft_output, spec, features, batch_size, training=False,
-                           use_weights=False)
-    inputs = dataset_inputs(dataset, ADAPT_ROWS)
+    inputs = sample()
     adapt_model(model, inputs)
     rows = len(next(iter(inputs.values())))
     logging.info("adapted the numeric bin edges on %d training rows", rows)
@@ -201,8 +210,9 @@ def adapt_on_training_files(model, fn_args, tft_output, spec, features, batch_si
 def bin_edges(model) -> Dict[str, List[float]]:
     """{numeric input: bin edges} of the model's piecewise-linear encodings (the first embedding's)."""
     for layer in model.layers:
-        if hasattr(layer, "bin_edges") and layer.bin_edges():
-            return layer.bin_edges()
+        edges = layer.bin_edges() if hasattr(layer, "bin_edges") else {}
+        if edges:
+            return edges
     return {}
 
 
@@ -261,7 +271,7 @@ def run_fn(fn_args) -> None:
                            use_weights=settings["use_weights"])
     with strategy.scope():
         model = compile_model(build_model(config, features, tasks), config, tasks, jit_compile=bool(settings["xla"]))
-    adapted_rows = adapt_on_training_files(model, fn_args, tft_output, spec, features, global_batch)
+    adapted_rows = adapt_on_training_files(model, training_sample(fn_args, tft_output, spec, features, global_batch))
 
     train_steps = int(fn_args.train_steps or settings["steps_per_epoch"])
     steps_per_epoch = max(1, min(int(settings["steps_per_epoch"]), train_steps))
@@ -324,10 +334,12 @@ def tuner_fn(fn_args):
     tft_output = tft.TFTransformOutput(fn_args.transform_graph_path)
     features = input_features(spec, tft_output)
 
+    sample = training_sample(fn_args, tft_output, spec, features, int(settings["batch_size"]))
+
     def build(hparams):
         config = apply_hyperparameters(base, hparams.values)
         model = compile_model(build_model(config, features, tasks), config, tasks, jit_compile=bool(settings["xla"]))
-        adapt_on_training_files(model, fn_args, tft_output, spec, features, int(settings["batch_size"]))
+        adapt_on_training_files(model, sample)
         return model
 
     monitor, mode = monitor_for(main, len(tasks))

@@ -86,8 +86,10 @@ def throughput(model_name, arrays, batch_size, mixed, steps, warmup=3):
     state = ([v.value for v in model.trainable_variables], [v.value for v in model.non_trainable_variables],
              [v.value for v in model.optimizer.variables])
     starts = [(i * batch_size) % (n - batch_size + 1) for i in range(steps + warmup)]
+    first_loss = None
     for s in starts[:warmup]:
         state, loss = step(state, s)
+        first_loss = float(loss) if first_loss is None else first_loss  # shows the step trains (tests)
     loss.block_until_ready()
     began = time.perf_counter()
     for s in starts[warmup:]:
@@ -98,7 +100,7 @@ def throughput(model_name, arrays, batch_size, mixed, steps, warmup=3):
         raise RuntimeError(f"{model_name} batch {batch_size}: loss is {float(loss)}")
     return {"model": model_name, "batch_size": batch_size, "mixed_precision": mixed,
             "examples_per_s": steps * batch_size / elapsed, "train_flops_per_example": 3 * forward_flops(model),
-            "device": str(jax.devices()[0].device_kind), "final_loss": float(loss)}
+            "device": str(jax.devices()[0].device_kind), "first_loss": first_loss, "final_loss": float(loss)}
 
 
 def main(argv=None):

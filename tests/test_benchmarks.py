@@ -327,7 +327,8 @@ def test_select_seeds_scores_each_refine_point_on_the_mean_of_its_seeds(tmp_path
     from mmoe.training import TaskData
 
     data = TaskData({"a": np.zeros(8, "float32")}, {"income": np.zeros(8), "marital": np.ones(8)})
-    protocol = {"name": "single-file split", "split": "60/20/20", "seed": 0, "rows": {"train": 8, "valid": 8, "test": 8}}
+    protocol = {"name": "single-file split", "split": "60/20/20", "seed": 0,
+                "rows": {"train": 8, "valid": 8, "test": 8}}
     monkeypatch.setattr(census_quality, "prepare_arrays", lambda path: (
         1, [InputFeature("a")], [TaskSpec("income"), TaskSpec("marital")],
         {"train": data, "valid": data, "test": data}, protocol))

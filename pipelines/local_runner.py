@@ -312,6 +312,20 @@ def summarise(summary: RunSummary, pipeline_name: str) -> RunSummary:
     return summary
 
 
+def _slice_auc(metrics: Dict[str, float]) -> str:
+    """A slice's AUC for a head, or why it has none.
+
+    TFMA reports an AUC of 0.0 for a slice whose labels are all one class (say a small group with no income
+    above $50K), where AUC is undefined; printed as 0.000 it would read as a model that ranks that group
+    backwards."""
+    label = metrics.get("mean_label")
+    if label is not None and label <= 0.0:
+        return "n/a (no positives)"
+    if label is not None and label >= 1.0:
+        return "n/a (no negatives)"
+    return f"{metrics['auc']:.3f}"
+
+
 def format_summary(summary: RunSummary, heads: Optional[List[str]] = None) -> str:
     lines = []
     if summary.components:
@@ -340,7 +354,7 @@ def format_summary(summary: RunSummary, heads: Optional[List[str]] = None) -> st
         if slices:
             lines.append(f"AUC by slice ({len(slices)} slices; the full table is in the Evaluator output):")
             for s in sorted(slices)[:12]:
-                aucs = ", ".join(f"{h} {m['auc']:.3f}" for h, m in sorted(summary.metrics[s].items()) if "auc" in m)
+                aucs = ", ".join(f"{h} {_slice_auc(m)}" for h, m in sorted(summary.metrics[s].items()) if "auc" in m)
                 count = next((int(m["example_count"]) for m in summary.metrics[s].values() if "example_count" in m), 0)
                 lines.append(f"  {s:<40} n={count:<6} {aucs}")
             if len(slices) > 12:

@@ -222,6 +222,22 @@ def test_pusher_does_not_copy_the_newest_version_again(tmp_path):
     assert (serving / newest / "saved_model.pb").read_text() == "model A"
 
 
+def test_summary_slice_table_says_why_a_one_class_slice_has_no_auc():
+    from pipelines.local_runner import RunSummary, format_summary
+
+    head = {"example_count": 2115.0, "auc": 0.9254, "mean_label": 0.0558}
+    summary = RunSummary("root", "metadata.sqlite", metrics={
+        "overall": {"income": head, "marital": {**head, "auc": 0.9926, "mean_label": 0.435}},
+        # TFMA's numbers for slices without a positive (or a negative) label: AUC 0.0, undefined in fact.
+        "race=Other": {"income": {"example_count": 39.0, "auc": 0.0, "mean_label": 0.0},
+                       "marital": {"example_count": 39.0, "auc": 0.9882, "mean_label": 0.667}},
+        "sex=Female": {"income": {"example_count": 12.0, "auc": 0.0, "mean_label": 1.0},
+                       "marital": {"example_count": 12.0, "auc": 0.25, "mean_label": 0.5}}})
+    lines = {line.split()[0]: line for line in format_summary(summary).splitlines() if line.startswith("  ")}
+    assert "income n/a (no positives), marital 0.988" in lines["race=Other"]
+    assert "income n/a (no negatives), marital 0.250" in lines["sex=Female"]  # a real 0.25 is still shown
+
+
 def test_kubeflow_compile_lists_every_component(tmp_path):
     pytest.importorskip("kfp.pipeline_spec", reason="kfp-pipeline-spec is needed to compile for Kubeflow")
     from pipelines.cli import main

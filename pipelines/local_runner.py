@@ -212,6 +212,29 @@ class _ProgressFilter(std_logging.Filter):
         return message.startswith("Component ") and message.endswith(("is running.", "is finished."))
 
 
+# Beam's job service relays every worker's log; these two come from each worker of each component and say
+# nothing about the run (no pickled main session is used; the runner's own flags reach the worker too).
+_BEAM_WORKER_NOISE = ("No semi_persistent_directory found", "Discarding unparseable args")
+BEAM_JOB_SERVICE_LOGGER = "apache_beam.runners.portability.local_job_service"
+
+
+class _BeamWorkerNoiseFilter(std_logging.Filter):
+    def filter(self, record):
+        message = record.getMessage()
+        return not any(noise in message for noise in _BEAM_WORKER_NOISE)
+
+
+# Beam's worker processes start fresh interpreters, so the CLI's warnings filter does not reach them; this does.
+# google.api_core warns on import in every worker that Python 3.10 is unsupported (TFX 1.16 needs < 3.11).
+WORKER_WARNINGS = "ignore::FutureWarning"
+
+
+def _with_worker_warnings(value: Optional[str]) -> str:
+    """PYTHONWARNINGS for the workers: ours first, so the user's own entries (later, which win) still apply."""
+    entries = [e for e in (value or "").split(",") if e]
+    return ",".join([WORKER_WARNINGS] + [e for e in entries if e != WORKER_WARNINGS])
+
+
 @contextlib.contextmanager
 def _progress_logging(echo):
     """Show only TFX's 'Component X is running/finished' lines (timestamped); keep absl's noise at WARNING."""
@@ -231,6 +254,10 @@ def _progress_logging(echo):
         handler.addFilter(_ProgressFilter())
         logger.addHandler(handler)
     absl_handler.setLevel(std_logging.WARNING)
+    beam_noise = _BeamWorkerNoiseFilter()
+    std_logging.getLogger(BEAM_JOB_SERVICE_LOGGER).addFilter(beam_noise)
+    old_warnings = os.environ.get("PYTHONWARNINGS")
+    os.environ["PYTHONWARNINGS"] = _with_worker_warnings(old_warnings)
     old_propagate = logger.propagate
     logger.propagate = False  # a root handler (logging.basicConfig somewhere) would print every INFO line
     logger.setLevel(std_logging.INFO)
@@ -239,6 +266,11 @@ def _progress_logging(echo):
     finally:
         if handler is not None:
             logger.removeHandler(handler)
+        std_logging.getLogger(BEAM_JOB_SERVICE_LOGGER).removeFilter(beam_noise)
+        if old_warnings is None:
+            os.environ.pop("PYTHONWARNINGS", None)
+        else:
+            os.environ["PYTHONWARNINGS"] = old_warnings
         logger.setLevel(old_level)
         logger.propagate = old_propagate
         absl_handler.setLevel(old_handler_level)

@@ -238,6 +238,33 @@ def test_summary_slice_table_says_why_a_one_class_slice_has_no_auc():
     assert "income n/a (no negatives), marital 0.250" in lines["sex=Female"]  # a real 0.25 is still shown
 
 
+def test_run_quiets_beam_worker_noise_and_passes_a_warnings_filter_to_workers(monkeypatch, caplog):
+    import logging
+
+    from pipelines import local_runner
+
+    monkeypatch.setenv("PYTHONWARNINGS", "error::DeprecationWarning")
+    beam = logging.getLogger(local_runner.BEAM_JOB_SERVICE_LOGGER)
+    shown = []
+    with local_runner._progress_logging(shown.append):
+        # What a Beam worker process started now sees: its own interpreter reads PYTHONWARNINGS at startup.
+        worker = subprocess.run([sys.executable, "-c", "import sys, warnings; warnings.warn('old', FutureWarning); "
+                                 "warnings.warn('kept', UserWarning); print(sys.warnoptions)"],
+                                capture_output=True, text=True, env=dict(os.environ), timeout=60)
+        with caplog.at_level(logging.WARNING, logger=local_runner.BEAM_JOB_SERVICE_LOGGER):
+            beam.warning('Worker: message: "No semi_persistent_directory found: User registered objects ..."')
+            beam.warning("Worker: message: \"Discarding unparseable args: ['--direct_runner_use_stacked_bundle']\"")
+            beam.warning("Worker: message: a worker ran out of memory")
+    assert "FutureWarning" not in worker.stderr and "UserWarning: kept" in worker.stderr, worker.stderr
+    assert "error::DeprecationWarning" in worker.stdout  # the user's own filter still reaches the workers
+    assert [r.getMessage() for r in caplog.records] == ["Worker: message: a worker ran out of memory"]
+    # Everything is as it was after the run.
+    assert os.environ["PYTHONWARNINGS"] == "error::DeprecationWarning"
+    assert not beam.filters
+    assert local_runner._with_worker_warnings(None) == "ignore::FutureWarning"
+    assert local_runner._with_worker_warnings("ignore::FutureWarning,a") == "ignore::FutureWarning,a"
+
+
 def test_kubeflow_compile_lists_every_component(tmp_path):
     pytest.importorskip("kfp.pipeline_spec", reason="kfp-pipeline-spec is needed to compile for Kubeflow")
     from pipelines.cli import main

@@ -213,7 +213,8 @@ class _ProgressFilter(std_logging.Filter):
 
 
 # Beam's job service relays every worker's log; these two come from each worker of each component and say
-# nothing about the run (no pickled main session is used; the runner's own flags reach the worker too).
+# nothing about the run: we register no Beam schemas or logical types (what a semi-persistent directory would
+# restore), and the arguments discarded are the direct runner's own.
 _BEAM_WORKER_NOISE = ("No semi_persistent_directory found", "Discarding unparseable args")
 BEAM_JOB_SERVICE_LOGGER = "apache_beam.runners.portability.local_job_service"
 
@@ -237,7 +238,8 @@ def _with_worker_warnings(value: Optional[str]) -> str:
 
 @contextlib.contextmanager
 def _progress_logging(echo):
-    """Show only TFX's 'Component X is running/finished' lines (timestamped); keep absl's noise at WARNING."""
+    """Show only TFX's 'Component X is running/finished' lines (timestamped); keep absl's noise at WARNING, and
+    quiet Beam's workers (WORKER_WARNINGS, _BEAM_WORKER_NOISE) for the run."""
     from absl import logging as absl_logging
 
     logger = std_logging.getLogger("absl")

@@ -179,29 +179,36 @@ def train_run(spec, data: Sequence[str], out_dir: str, model_config, settings: T
 
 
 def export_arrays(spec, data: Sequence[str], out_path: str, split, seed: int, log=print) -> str:
-    """Transforms like `train_run` and saves `<split>/<key>` arrays plus a JSON header in one .npz.
-
-    The header (`__meta__`) lists the model inputs (name, kind, vocab_size), the tasks and the
-    split protocol, so `load_arrays` rebuilds `TaskData` without TensorFlow or tf.Transform.
-    """
+    """Transforms like `train_run` and saves the splits with `save_arrays`."""
     import tempfile
 
     tasks = model_tasks(spec, None)
     with tempfile.TemporaryDirectory() as tmp:
         inputs, arrays, protocol = transform_splits(spec, data, split, seed, tmp, log=log)
-    meta = {"inputs": inputs, "tasks": [t.to_dict() for t in tasks], "protocol": protocol,
-            "label_keys": {t.name: spec.label_key(t.name) for t in tasks}}
+    save_arrays(out_path, inputs, tasks, {t.name: spec.label_key(t.name) for t in tasks}, protocol, arrays)
+    log(f"wrote {out_path} ({', '.join(f'{k} {v:,}' for k, v in protocol['rows'].items())} rows)")
+    return str(out_path)
+
+
+def save_arrays(out_path: str, inputs: Sequence[dict], tasks, label_keys: dict, protocol: dict, arrays: dict) -> str:
+    """Saves `<split>/<key>` arrays (`arrays`: split -> key -> array) plus a JSON header in one .npz.
+
+    The header (`__meta__`) lists the model inputs (`InputFeature.to_dict()`: name, kind, vocab_size), the tasks,
+    the array key of each task's label and the split protocol, so `load_arrays` rebuilds `TaskData` without
+    TensorFlow or tf.Transform.
+    """
+    meta = {"inputs": list(inputs), "tasks": [t.to_dict() for t in tasks], "protocol": protocol,
+            "label_keys": dict(label_keys)}
     payload = {f"{split_name}/{key}": value for split_name, split_arrays in arrays.items()
                for key, value in split_arrays.items()}
     payload["__meta__"] = np.array(json.dumps(meta))
     Path(out_path).parent.mkdir(parents=True, exist_ok=True)
     np.savez_compressed(out_path, **payload)
-    log(f"wrote {out_path} ({', '.join(f'{k} {v:,}' for k, v in protocol['rows'].items())} rows)")
     return str(out_path)
 
 
 def load_arrays(path: str):
-    """Reads an `export_arrays` file: (inputs, tasks, {split: TaskData}, protocol); needs only numpy and keras."""
+    """Reads a `save_arrays` file: (inputs, tasks, {split: TaskData}, protocol); needs only numpy and keras."""
     from mmoe import InputFeature, TaskSpec
     from mmoe.training import TaskData
 

@@ -451,24 +451,22 @@ def test_chosen_settings_are_the_ones_the_committed_census_tables_report():
 
 
 def _export_format_arrays(path, rows=2048, seed=0):
-    """A small `mmoe data export`-format file (pipelines.train_local.load_arrays reads it) whose labels are
+    """A small `mmoe data export`-format file (`save_arrays`, which `load_arrays` reads) whose labels are
     learnable from the inputs, written without tf.Transform."""
+    from pipelines.train_local import save_arrays
+
     rng = np.random.default_rng(seed)
     inputs = [InputFeature("age"), InputFeature("hours"), InputFeature("occupation", "categorical", vocab_size=12)]
-    tasks = [TaskSpec("income"), TaskSpec("marital")]
-    payload = {}
+    arrays = {}
     for split in ("train", "valid", "test"):
         age, hours = rng.normal(size=(2, rows)).astype("float32")
         occupation = rng.integers(0, 12, size=rows).astype("int64")
-        payload.update({f"{split}/age": age, f"{split}/hours": hours, f"{split}/occupation": occupation,
-                        f"{split}/income_label": (age + hours + (occupation % 3 == 0) > 1).astype("int64"),
-                        f"{split}/marital_label": (age < 0).astype("int64")})
-    meta = {"inputs": [f.to_dict() for f in inputs], "tasks": [t.to_dict() for t in tasks],
-            "protocol": {"name": "synthetic", "rows": {"train": rows, "valid": rows, "test": rows}},
-            "label_keys": {"income": "income_label", "marital": "marital_label"}}
-    payload["__meta__"] = np.array(json.dumps(meta))
-    np.savez_compressed(path, **payload)
-    return path
+        arrays[split] = {"age": age, "hours": hours, "occupation": occupation,
+                         "income_label": (age + hours + (occupation % 3 == 0) > 1).astype("int64"),
+                         "marital_label": (age < 0).astype("int64")}
+    return save_arrays(path, [f.to_dict() for f in inputs], [TaskSpec("income"), TaskSpec("marital")],
+                       {"income": "income_label", "marital": "marital_label"},
+                       {"name": "synthetic", "rows": {split: rows for split in arrays}}, arrays)
 
 
 # Runs a script the way the lent GPU host would: JAX only, TensorFlow not importable there.

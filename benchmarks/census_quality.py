@@ -14,7 +14,8 @@ length, embedding width, widths, dropout and weight averaging (`search_axes`); e
 training run, seed 0, early stopping on the main task's validation AUC); optionally (--refine) a short
 search for every architecture from that result (learning rate, width, experts, tower, dropout,
 DCN-v2 cross layers in front of the experts, then cross layers inside each expert, then piecewise-linear
-numeric encodings: `refine_axes`), so no architecture is compared at settings tuned for another; each
+numeric encodings: `refine_axes`; then an edge pass, one step past each axis whose choice was the first or
+last of its candidates: `edge_axes`), so no architecture is compared at settings tuned for another; each
 refine point is scored on the mean validation AUC of --select-seeds seeds (default 2, as in the published
 tables: the differences it chooses between are about one seed's std); then --seeds training runs with the
 chosen settings (CHOSEN, which records those results); test AUC as mean +- std and the best run.
@@ -104,7 +105,7 @@ _SEARCHED_G2_MMOE = {**BASE, "learning_rate": 3e-3, "numeric": "both", "numeric_
 SEARCHED = {(1, "mmoe"): _SEARCHED_G1_MMOE, (2, "mmoe"): _SEARCHED_G2_MMOE}
 # What each architecture's --refine changed on its group's search result (benchmarks/results/
 # census_quality_g{1,2}.md list every point). Both groups' refines score each point on the mean of seeds 0 and 1
-# (--select-seeds 2).
+# (--select-seeds 2); the edge pass (edge_axes) is part of the refine.
 REFINED = {
     (1, "mmoe"): {"learning_rate": 3e-3, "expert_units": (128, 64), "num_experts": 16, "tower_units": (64,),
                   "cross_layers": 2, "expert_cross_layers": 2, "expert_cross_rank": 32},
@@ -112,11 +113,11 @@ REFINED = {
     (1, "single_task"): {"learning_rate": 3e-3, "bottom_units": (256, 128), "cross_layers": 3, "numeric_bins": 48},
     (1, "omoe"): {"learning_rate": 3e-3, "expert_units": (256, 128), "cross_layers": 3, "numeric_bins": 48},
     (1, "ple"): {"learning_rate": 3e-3, "expert_units": (256, 128), "cross_layers": 2},
-    (2, "mmoe"): {"num_experts": 16, "cross_layers": 1, "numeric_bins": 48},
+    (2, "mmoe"): {"num_experts": 32, "cross_layers": 1, "numeric_bins": 48},
     (2, "shared_bottom"): {"bottom_units": (256,), "numeric_bins": 16},
     (2, "single_task"): {"learning_rate": 2e-3, "bottom_units": (256, 128), "cross_layers": 3, "numeric_bins": 48},
-    (2, "omoe"): {"expert_units": (256, 128), "cross_layers": 1, "numeric_bins": 48},
-    (2, "ple"): {"cross_layers": 2, "numeric_bins": 48},
+    (2, "omoe"): {"expert_units": (512, 256), "cross_layers": 1, "numeric_bins": 96},
+    (2, "ple"): {"cross_layers": 2, "numeric_bins": 48, "tower_units": (16,)},
 }
 # Chosen settings per (group, arch), used without --search / --refine: the group's search result plus the
 # architecture's own refinement.
@@ -189,6 +190,40 @@ def refine_axes(arch):
         axes.append(("expert_cross_layers", [{"expert_cross_layers": v, "expert_cross_rank": 32} for v in (1, 2)]))
     # Piecewise-linear encoding of the numeric inputs (Gorishniy et al. 2022), newest and so last.
     axes.append(("numeric_bins", [{"numeric_bins": v} for v in (16, 48)]))
+    return axes
+
+
+# One step past each end of a refine axis's candidates (below its first, above its last), for the edge pass;
+# None where nothing lies past that end (no dropout below 0; below its first value an axis is at the start
+# point's own setting, already scored: no cross layers, no bins).
+REFINE_BEYOND = {
+    "learning_rate": ({"learning_rate": 5e-4}, {"learning_rate": 5e-3}),
+    "expert_units": ({"expert_units": (16,)}, {"expert_units": (512, 256)}),
+    "bottom_units": ({"bottom_units": (64,)}, {"bottom_units": (512, 256)}),
+    "num_experts": ({"num_experts": 2}, {"num_experts": 32}),
+    "task_experts": (None, {"task_experts": 8}),
+    "tower_units": ({"tower_units": (16,)}, {"tower_units": (128,)}),
+    "dropout": (None, {"expert_dropout": 0.2, "tower_dropout": 0.2}),
+    "cross_layers": (None, {"cross_layers": 4}),
+    "expert_cross_layers": (None, {"expert_cross_layers": 3, "expert_cross_rank": 32}),
+    "numeric_bins": (None, {"numeric_bins": 96}),
+}
+
+
+def edge_axes(arch, settings):
+    """The refine's edge pass: for each refine axis whose chosen candidate is its first or its last, one more
+    candidate a step past it (REFINE_BEYOND), since the best value may lie outside the range tried. An axis
+    chosen inside its range, or left at the start point's own value, gets none. One pass, not repeated.
+    """
+    def chosen(change):
+        return all(jsonable({k: settings.get(k)}) == jsonable({k: v}) for k, v in change.items())
+
+    axes = []
+    for axis, changes in refine_axes(arch):
+        below, above = REFINE_BEYOND[axis]
+        past = (below if chosen(changes[0]) else None) or (above if chosen(changes[-1]) else None)
+        if past:
+            axes.append((f"{axis} edge", [past]))
     return axes
 
 
@@ -666,10 +701,16 @@ def main(argv=None):
                     seeds = range(args.select_seeds)
                     log(f"refine g{group} {arch} from {args.search_like}'s settings (validation {main_task} AUC, "
                         f"mean of seeds {list(seeds)})")
-                    settings, table = coordinate_search(
-                        refine_axes(arch), start,
-                        lambda s: float(np.mean([run(s, seed)["valid"][main_task]["auc"] for seed in seeds])), log)
+                    def score(s):
+                        return float(np.mean([run(s, seed)["valid"][main_task]["auc"] for seed in seeds]))
+                    settings, table = coordinate_search(refine_axes(arch), start, score, log)
                     search_log += [{"axis": f"refine: {a}", **key_settings(s), "valid_auc": v} for a, s, v in table]
+                    edges = edge_axes(arch, settings)
+                    if edges:
+                        log(f"refine g{group} {arch}: edge pass over {', '.join(a for a, _ in edges)}")
+                        settings, table = coordinate_search(edges, settings, score, log)
+                        search_log += [{"axis": f"refine: {a}", **key_settings(s), "valid_auc": v}
+                                       for a, s, v in table[1:]]  # table[0] is the refine's best, listed above
                 runs = [run(settings, seed) for seed in range(args.seeds)]
                 for seed, r in enumerate(runs):
                     log(f"g{group} {arch} seed {seed}: test " + ", ".join(

@@ -279,9 +279,17 @@ def test_synthetic_runs_come_from_the_cache_and_more_seeds_train_only_the_new_on
     assert len(trained) == 12 + 4 + 4
 
 
+def _one_file_census_arrays(monkeypatch, census_quality, data):
+    """Makes census_quality.prepare_arrays return group 1 (income, marital) with `data` as every split."""
+    protocol = {"name": "single-file split", "split": "60/20/20", "seed": 0,
+                "rows": {"train": 8, "valid": 8, "test": 8}}
+    monkeypatch.setattr(census_quality, "prepare_arrays", lambda path: (
+        1, [InputFeature("a")], [TaskSpec("income"), TaskSpec("marital")],
+        {"train": data, "valid": data, "test": data}, protocol))
+
+
 def test_refine_tunes_the_other_architectures_from_the_chosen_settings(tmp_path, monkeypatch):
     from benchmarks import census_quality
-    from mmoe import InputFeature, ModelConfig, TaskSpec
     from mmoe.training import TaskData
 
     for arch in ("single_task", "shared_bottom", "omoe", "ple"):
@@ -292,11 +300,7 @@ def test_refine_tunes_the_other_architectures_from_the_chosen_settings(tmp_path,
 
     rng = np.random.default_rng(0)
     data = TaskData({"a": rng.normal(size=8).astype("float32")}, {"income": np.zeros(8), "marital": np.ones(8)})
-    protocol = {"name": "single-file split", "split": "60/20/20", "seed": 0,
-                "rows": {"train": 8, "valid": 8, "test": 8}}
-    monkeypatch.setattr(census_quality, "prepare_arrays", lambda path: (
-        1, [InputFeature("a")], [TaskSpec("income"), TaskSpec("marital")],
-        {"train": data, "valid": data, "test": data}, protocol))
+    _one_file_census_arrays(monkeypatch, census_quality, data)
 
     def fake_train(arch, settings, *args, **kwargs):
         # Validation prefers a larger learning rate for OMoE only; test AUC tells the seeds apart.
@@ -313,7 +317,8 @@ def test_refine_tunes_the_other_architectures_from_the_chosen_settings(tmp_path,
     chosen = census_quality.key_settings({**census_quality.TRAIN_DEFAULTS, **census_quality.SEARCHED[(1, "mmoe")]})
     # Both start from MMoE's chosen settings; only OMoE's validation score prefers another learning rate.
     assert archs["mmoe"]["settings"] == chosen and archs["mmoe"]["refined"]
-    assert archs["omoe"]["refined"] and archs["omoe"]["settings"] == {**chosen, "learning_rate": 3e-3}
+    # (3e-3, the largest refine candidate, then 5e-3 from the edge pass past it.)
+    assert archs["omoe"]["refined"] and archs["omoe"]["settings"] == {**chosen, "learning_rate": 5e-3}
     for arch in ("mmoe", "omoe"):
         rows = archs[arch]["search"]
         assert rows[0]["axis"] == "refine: start" and rows[0]["learning_rate"] == 2e-3
@@ -321,17 +326,47 @@ def test_refine_tunes_the_other_architectures_from_the_chosen_settings(tmp_path,
     assert archs["omoe"]["test"]["income"]["runs"] == 2
 
 
+def test_refine_edge_pass_tries_one_step_past_a_choice_at_the_end_of_its_range(tmp_path, monkeypatch):
+    from benchmarks import census_quality
+    from mmoe.training import TaskData
+
+    model_keys = {k: v for k, v in census_quality.BASE.items() if k not in census_quality.TRAIN_KEYS}
+    for arch in ("mmoe", "single_task", "shared_bottom", "omoe", "ple"):
+        for axis, _ in census_quality.refine_axes(arch):
+            for past in filter(None, census_quality.REFINE_BEYOND[axis]):
+                ModelConfig(**{**model_keys, "arch": arch, **past})  # a valid model
+
+    data = TaskData({"a": np.zeros(8, "float32")}, {"income": np.zeros(8), "marital": np.ones(8)})
+    _one_file_census_arrays(monkeypatch, census_quality, data)
+
+    def fake_train(arch, settings, *args, **kwargs):
+        # Validation rises with the learning rate without limit; nothing else changes it.
+        scores = {"income": {"auc": 0.9 + 10 * settings["learning_rate"]}, "marital": {"auc": 0.99}}
+        return {"valid": scores, "test": scores, "epochs": 3, "seconds": 0.1, "params": 10}
+
+    monkeypatch.setattr(census_quality, "train_once", fake_train)
+    out = tmp_path / "report.json"
+    assert census_quality.main(["--arrays", "x.npz", "--archs", "mmoe", "--seeds", "1", "--no-anchor", "--refine",
+                                "--cache", str(tmp_path / "runs.json"), "--out", str(out)]) == 0
+    mmoe = json.loads(out.read_text())["groups"]["1"]["archs"]["mmoe"]
+    # 3e-3, the last of the refine's learning rates, won; the edge pass tried 5e-3 past it and kept it.
+    assert mmoe["settings"]["learning_rate"] == 5e-3
+    edge_rows = [r for r in mmoe["search"] if r["axis"].endswith(" edge")]
+    assert [(r["axis"], r["learning_rate"]) for r in edge_rows][0] == ("refine: learning_rate edge", 5e-3)
+    # The tower stayed at (32,), the first of its candidates, so (16,) was tried and, scoring no higher, not kept;
+    # axes chosen inside their range (8 experts of 4/8/16, 64 units) or left at the start (no bins) got no edge.
+    assert {r["axis"] for r in edge_rows} == {"refine: learning_rate edge", "refine: tower_units edge"}
+    assert next(r for r in edge_rows if r["axis"] == "refine: tower_units edge")["tower_units"] == [16]
+    assert mmoe["settings"]["tower_units"] == [32] and mmoe["settings"]["num_experts"] == 8
+    assert sum(r["axis"] == "refine: start" for r in mmoe["search"]) == 1
+
+
 def test_select_seeds_scores_each_refine_point_on_the_mean_of_its_seeds(tmp_path, monkeypatch, capsys):
     from benchmarks import census_quality
-    from mmoe import InputFeature, TaskSpec
     from mmoe.training import TaskData
 
     data = TaskData({"a": np.zeros(8, "float32")}, {"income": np.zeros(8), "marital": np.ones(8)})
-    protocol = {"name": "single-file split", "split": "60/20/20", "seed": 0,
-                "rows": {"train": 8, "valid": 8, "test": 8}}
-    monkeypatch.setattr(census_quality, "prepare_arrays", lambda path: (
-        1, [InputFeature("a")], [TaskSpec("income"), TaskSpec("marital")],
-        {"train": data, "valid": data, "test": data}, protocol))
+    _one_file_census_arrays(monkeypatch, census_quality, data)
     trained = []
 
     def fake_train(arch, settings, *args, **kwargs):

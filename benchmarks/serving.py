@@ -369,7 +369,15 @@ def main(argv=None) -> int:
     return 0
 
 
-def print_table(rows):
+def cpu_cores_busy(result):
+    """Cores kept busy by one batch-1 cell: requests/s times the server's plus the clients' CPU per request. Below
+    the machine's core count while every client waits, the bound is something serial (the interpreter lock of a
+    Python process), not CPU."""
+    return result["throughput"] * (result.get("server_cpu_ms", 0.0) + result.get("client_cpu_ms", 0.0)) / 1e3
+
+
+def print_table(rows, cores=None):
+    cores = cores or os.cpu_count()
     cells = {}
     for mode, batch, clients, export, result in rows:
         cells[(mode, batch, clients, export)] = result
@@ -395,7 +403,8 @@ def print_table(rows):
         on = cells.get(("grpc batching", 1, 32, export))
         if off and on:
             gain = on["throughput"] / off["throughput"]
-            print(f"{export}: 32 batch-1 clients, batching on/off throughput = {gain:.2f}x")
+            print(f"{export}: 32 batch-1 clients, batching on/off throughput = {gain:.2f}x (server + clients keep "
+                  f"{cpu_cores_busy(on):.1f} / {cpu_cores_busy(off):.1f} of {cores} cores busy)")
         big = [(r["throughput"], mode, clients) for (mode, batch, clients, e), r in cells.items()
                if e == export and batch == 256 and mode.startswith("grpc")]
         if big:
@@ -407,8 +416,8 @@ def print_table(rows):
         bounds = [f"{e} {canned['throughput'] / cells[('grpc', 1, 32, e)]['throughput']:.2f}x"
                   for e in ("xla", "plain") if ("grpc", 1, 32, e) in cells]
         print(f"grpc canned (a Python gRPC server replying with a fixed response, no model): 32 batch-1 clients "
-              f"{canned['throughput']:,.0f} requests/s; the most batching could gain over no batching here: "
-              + ", ".join(bounds))
+              f"{canned['throughput']:,.0f} requests/s ({cpu_cores_busy(canned):.1f} of {cores} cores busy); the most "
+              "batching could gain over no batching here: " + ", ".join(bounds))
     errors = sum(r.get("errors", 0) for *_, r in rows)
     print(f"failed requests: {errors}")
     print(TARGETS)

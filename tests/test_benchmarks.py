@@ -460,16 +460,19 @@ def test_serving_table_reports_the_batching_gain_and_the_best_batch_256_cell(cap
     rows = [("grpc", 1, 32, "xla", cell(1000.0)), ("grpc batching", 1, 32, "xla", cell(2500.0)),
             ("grpc", 256, 1, "xla", cell(90_000.0)), ("grpc", 256, 8, "xla", cell(120_000.0)),
             ("grpc batching", 256, 32, "xla", cell(110_000.0)), ("in-process", 256, 1, "xla", cell(500_000.0))]
-    print_table(rows)
+    print_table(rows, cores=2)
     out = capsys.readouterr().out
-    assert "xla: 32 batch-1 clients, batching on/off throughput = 2.50x" in out
+    # Cores busy: requests/s x (server + client CPU per request), 2,500 x 0.7 ms and 1,000 x 0.7 ms.
+    assert "xla: 32 batch-1 clients, batching on/off throughput = 2.50x (server + clients keep 1.8 / 0.7 of 2 cores " \
+        "busy)" in out
     assert "xla: batch 256 over gRPC, best 120,000 examples/s (grpc, 8 clients)" in out  # not the in-process row
     assert "plain:" not in out
     assert "grpc canned" not in out
-    print_table(rows + [("grpc canned", 1, 32, "xla", cell(4000.0))])
+    print_table(rows + [("grpc canned", 1, 32, "xla", {**cell(4000.0), "server_cpu_ms": 0.2, "client_cpu_ms": 0.1})],
+                cores=2)
     # The canned reply's rate over the no-batching rate bounds what batching could gain.
-    assert "32 batch-1 clients 4,000 requests/s; the most batching could gain over no batching here: xla 4.00x" \
-        in capsys.readouterr().out
+    assert "32 batch-1 clients 4,000 requests/s (1.2 of 2 cores busy); the most batching could gain over no " \
+        "batching here: xla 4.00x" in capsys.readouterr().out
 
 
 def test_chosen_settings_are_the_ones_the_committed_census_tables_report():

@@ -40,6 +40,22 @@ class TaskData:
                         {k: v[index] for k, v in self.labels.items()},
                         None if self.weights is None else self.weights[index])
 
+    @staticmethod
+    def concat(parts: Sequence["TaskData"]) -> "TaskData":
+        """The rows of several splits in order (e.g. train and validation, to refit on both); weights are kept only
+        if every part has them."""
+        parts = list(parts)
+        if not parts:
+            raise ValueError("concat needs at least one split")
+        for p in parts[1:]:
+            if set(p.inputs) != set(parts[0].inputs) or set(p.labels) != set(parts[0].labels):
+                raise ValueError(f"splits differ in inputs or labels: {sorted(parts[0].inputs)} / "
+                                 f"{sorted(parts[0].labels)} against {sorted(p.inputs)} / {sorted(p.labels)}")
+        weights = (np.concatenate([p.weights for p in parts]) if all(p.weights is not None for p in parts)
+                   else None)
+        return TaskData({k: np.concatenate([p.inputs[k] for p in parts]) for k in parts[0].inputs},
+                        {k: np.concatenate([p.labels[k] for p in parts]) for k in parts[0].labels}, weights)
+
 
 def monitor_for(task: TaskSpec, num_tasks: int) -> tuple[str, str]:
     """Keras history key and mode of a task's validation metric, in a model with `num_tasks` task heads.

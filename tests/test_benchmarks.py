@@ -398,12 +398,10 @@ def test_select_seeds_scores_each_refine_point_on_the_mean_of_its_seeds(tmp_path
         census_quality.main(["--arrays", "x.npz", "--select-seeds", "0", "--out", str(tmp_path / "x.json")])
 
 
-def test_significance_tests_the_seeds_mean_auc_against_the_refitted_anchor(tmp_path, monkeypatch, capsys):
-    from benchmarks import census_quality
-    from mmoe import InputFeature, TaskSpec
-    from mmoe.training import TaskData, roc_auc
-
-    rng = np.random.default_rng(0)
+def _learnable_census_splits(monkeypatch, census_quality, rng, test_rows):
+    """Makes census_quality.prepare_arrays return group 1 with 600 / 300 / `test_rows` rows whose income and marital
+    labels follow the one input `a` (so the real anchor learns them); returns the splits."""
+    from mmoe.training import TaskData
 
     def split(n):
         a = rng.normal(size=n).astype("float32")
@@ -411,11 +409,20 @@ def test_significance_tests_the_seeds_mean_auc_against_the_refitted_anchor(tmp_p
                   "marital": (a + rng.normal(scale=1.0, size=n) > 0).astype("float32")}
         return TaskData({"a": a}, labels, np.ones(n, dtype="float32"))
 
-    splits = {"train": split(600), "valid": split(300), "test": split(1500)}
+    splits = {"train": split(600), "valid": split(300), "test": split(test_rows)}
     protocol = {"name": "single-file split", "split": "60/20/20", "seed": 0,
-                "rows": {"train": 600, "valid": 300, "test": 1500}}
+                "rows": {"train": 600, "valid": 300, "test": test_rows}}
     monkeypatch.setattr(census_quality, "prepare_arrays", lambda path: (
         1, [InputFeature("a")], [TaskSpec("income"), TaskSpec("marital")], splits, protocol))
+    return splits
+
+
+def test_significance_tests_the_seeds_mean_auc_against_the_refitted_anchor(tmp_path, monkeypatch, capsys):
+    from benchmarks import census_quality
+    from mmoe.training import roc_auc
+
+    rng = np.random.default_rng(0)
+    splits = _learnable_census_splits(monkeypatch, census_quality, rng, 1500)
     test_labels = splits["test"].labels
     calls = []
 
@@ -447,6 +454,92 @@ def test_significance_tests_the_seeds_mean_auc_against_the_refitted_anchor(tmp_p
     for t in anchor:
         want = np.mean([roc_auc(test_labels[t], s[t]) for s in seeds]) - roc_auc(test_labels[t], anchor[t])
         assert direct[t]["diff"] == pytest.approx(want, abs=1e-12)
+
+
+def test_refit_retrains_every_run_on_train_and_valid_for_the_epochs_early_stopping_chose(tmp_path, monkeypatch,
+                                                                                        capsys):
+    from benchmarks import census_quality
+    from mmoe.training import TaskData
+
+    rng = np.random.default_rng(0)
+    splits = _learnable_census_splits(monkeypatch, census_quality, rng, 500)
+
+    def fake_train(arch, settings, features, tasks, data, seed, *args, **kwargs):
+        aucs = {"income": {"auc": 0.9}, "marital": {"auc": 0.99}}
+        return {"valid": aucs, "test": aucs, "epochs": seed + 7, "best_epoch": seed + 3, "seconds": 0.1, "params": 1}
+
+    refits = []
+
+    def fake_refit(arch, settings, features, tasks, data, seed, epochs, test_scores=False):
+        refits.append((seed, epochs))
+        out = {"test": {"income": {"auc": 0.95 + seed * 1e-3}, "marital": {"auc": 0.995}}, "epochs": epochs,
+               "rows": 900, "seconds": 0.1}
+        # For --significance: income scores are the labels themselves (far above the trees), marital noise.
+        scores = {"income": data["test"].labels["income"] + rng.normal(scale=0.1, size=500),
+                  "marital": rng.random(500)}
+        return {**out, "test_scores": scores} if test_scores else out
+
+    monkeypatch.setattr(census_quality, "train_once", fake_train)
+    monkeypatch.setattr(census_quality, "refit_once", fake_refit)
+    out, cache = tmp_path / "report.json", str(tmp_path / "runs.json")
+    argv = ["--arrays", "x.npz", "--archs", "mmoe", "--seeds", "3", "--refit", "--cache", cache, "--out", str(out)]
+    assert census_quality.main(argv) == 0
+    # Each seed refitted for the epoch its own early stopping kept, not the epochs it ran.
+    assert refits == [(0, 3), (1, 4), (2, 5)]
+    group = json.loads(out.read_text())["groups"]["1"]
+    refit = group["archs"]["mmoe"]["refit"]
+    assert refit["epochs"] == [3, 4, 5] and refit["test"]["income"]["mean"] == pytest.approx(0.951)
+    # The anchor refitted for the iterations it chose, on the 900 training and validation rows.
+    anchor = group["hist_gradient_boosting"]
+    for i, t in enumerate(("income", "marital")):
+        assert anchor["refit"]["iterations"][t] == anchor["runs"][i][t][0]["iterations"]
+    shown = capsys.readouterr().out
+    assert "retrained on the training and validation rows together (900)" in shown
+    assert "| mmoe (3 seeds) | 0.9510 ± 0.0010 | 0.9520 | 0.99500 ± 0.00000 | 0.99500 | 3-5 |" in shown
+    # A second command takes the refits from the run cache; --significance refits again for the predictions and
+    # tests them against the refitted anchor's.
+    assert census_quality.main(argv) == 0 and len(refits) == 3
+    monkeypatch.setattr(census_quality, "train_once", lambda *a, test_scores=False, **k: {
+        **fake_train(*a, **k), **({"test_scores": {"income": rng.random(500), "marital": rng.random(500)}}
+                                  if test_scores else {})})
+    assert census_quality.main(argv + ["--significance"]) == 0 and refits[3:] == [(0, 3), (1, 4), (2, 5)]
+    vs = json.loads(out.read_text())["groups"]["1"]["archs"]["mmoe"]["refit"]["vs_anchor"]
+    assert vs["income"]["diff"] > 0 and vs["income"]["ci"][0] > 0 and vs["marital"]["ci"][1] < 0
+    assert "| mmoe (refit, against the refitted anchor) | +" in capsys.readouterr().out
+    # The anchor's refit is hgb_fit's model at the same iterations, trained on more rows.
+    params = {"learning_rate": 0.1, "max_leaf_nodes": 31}
+    merged = {"train": TaskData.concat([splits["train"], splits["valid"]]), "test": splits["test"]}
+    alone = census_quality.hgb_refit([InputFeature("a")], {"train": splits["train"], "test": splits["test"]},
+                                     "income", params, 40)
+    together = census_quality.hgb_refit([InputFeature("a")], merged, "income", params, 40)
+    assert (alone["rows"], together["rows"]) == (600, 900) and alone["test"] != together["test"]
+
+
+def test_refit_once_trains_on_both_splits_and_best_epoch_matches_what_early_stopping_kept():
+    from benchmarks import census_quality
+    from mmoe.training import TaskData
+
+    rng = np.random.default_rng(1)
+
+    def split(n, noise):
+        a = rng.normal(size=n).astype("float32")
+        y = (a + noise * rng.normal(size=n) > 0).astype("float32")
+        return TaskData({"a": a}, {"t": y, "u": y}, np.ones(n, dtype="float32"))
+
+    # Validation labels are nearly noise, so early stopping ends the run before its 12 epochs.
+    splits = {"train": split(512, 0.3), "valid": split(256, 30.0), "test": split(256, 0.3)}
+    features, tasks = [InputFeature("a")], [TaskSpec("t"), TaskSpec("u")]
+    settings = {**census_quality.TRAIN_DEFAULTS, **census_quality.BASE, "batch_size": 64, "num_experts": 2,
+                "expert_units": (4,), "tower_units": (4,), "learning_rate": 0.05}
+    run = census_quality.train_once("mmoe", settings, features, tasks, splits, 0, 12, patience=2)
+    assert run["epochs"] < 12 and 1 <= run["best_epoch"] <= run["epochs"]
+    # What the refit of a cached run without `best_epoch` derives is what the run recorded.
+    legacy = {k: v for k, v in run.items() if k != "best_epoch"}
+    assert census_quality.best_epoch(legacy, 12, 2) == run["best_epoch"] == census_quality.best_epoch(run, 12, 2)
+    assert census_quality.best_epoch({"epochs": 12}, 12, 2) is None  # used every epoch: unknown
+    refit = census_quality.refit_once("mmoe", settings, features, tasks, splits, 0, run["best_epoch"])
+    assert refit["rows"] == 768 and refit["epochs"] == run["best_epoch"]
+    assert 0.8 < refit["test"]["t"]["auc"] <= 1
 
 
 def test_serving_table_reports_the_batching_gain_and_the_best_batch_256_cell(capsys):

@@ -253,3 +253,18 @@ def test_early_stopping_watches_a_metric_keras_logs(toy, num_tasks):
     assert monitor_for(tasks[1 % len(tasks)], len(tasks))[1] == ("max" if num_tasks == 1 else "min")
     with pytest.raises(ValueError, match="num_tasks"):
         monitor_for(tasks[0], 0)
+
+
+def test_task_data_concat_keeps_row_order_and_drops_weights_only_when_a_part_lacks_them():
+    from mmoe.training import TaskData
+
+    a = TaskData({"x": np.arange(3.0)}, {"t": np.zeros(3)}, np.full(3, 2.0))
+    b = TaskData({"x": np.arange(3.0, 5.0)}, {"t": np.ones(2)}, np.full(2, 5.0))
+    both = TaskData.concat([a, b])
+    assert len(both) == 5 and both.inputs["x"].tolist() == [0, 1, 2, 3, 4]
+    assert both.labels["t"].tolist() == [0, 0, 0, 1, 1] and both.weights.tolist() == [2, 2, 2, 5, 5]
+    assert TaskData.concat([a, TaskData(b.inputs, b.labels)]).weights is None
+    with pytest.raises(ValueError, match="differ in inputs or labels"):
+        TaskData.concat([a, TaskData({"y": np.arange(2.0)}, b.labels)])
+    with pytest.raises(ValueError, match="at least one"):
+        TaskData.concat([])

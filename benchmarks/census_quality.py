@@ -453,6 +453,13 @@ def best_epoch(run, max_epochs, patience):
     return run["epochs"] - patience if run["epochs"] < max_epochs else None
 
 
+def refit_splits(splits):
+    """The splits a refit uses: training and validation rows together as "train", and the same test rows."""
+    from mmoe.training import TaskData
+
+    return {"train": TaskData.concat([splits["train"], splits["valid"]]), "test": splits["test"]}
+
+
 def refit_once(arch, settings, features, tasks, splits, seed, epochs, test_scores=False):
     """The run again on the training and validation rows together, for `epochs` epochs (a run's `best_epoch`, which
     validation chose) and with no early stopping; test metrics per task. What this benchmark derives from the
@@ -462,8 +469,7 @@ def refit_once(arch, settings, features, tasks, splits, seed, epochs, test_score
 
     from mmoe.training import TaskData, fit, predict, prediction_metrics
 
-    merged = {"train": TaskData.concat([splits["train"], splits["valid"]]), "test": splits["test"]}
-    config, tasks, features, merged = _setup(arch, settings, features, tasks, merged)
+    config, tasks, features, merged = _setup(arch, settings, features, tasks, refit_splits(splits))
     train = merged["train"] if settings.get("use_weights") else TaskData(merged["train"].inputs, merged["train"].labels)
     model, callbacks = _compiled_model(config, settings, features, tasks, len(train), seed)
     started = time.time()
@@ -597,22 +603,24 @@ def _anchor_inputs(anchor, task):
             chosen.get("money", anchor.get("money", "plain")))
 
 
+def _anchor_per_task(features, tasks, splits, anchor, anchor_buckets):
+    """Per task, what refitting the anchor needs: (task, its features and splits with the anchor's chosen numeric
+    inputs, its HGB params, the iterations its early stopping chose)."""
+    for i, t in enumerate(tasks):
+        numeric, money = _anchor_inputs(anchor, t.name)
+        task_features, task_splits = numeric_inputs(features, splits, numeric, anchor_buckets, money)
+        params = {name: anchor["settings"][t.name][name] for name, _ in HGB_AXES}
+        yield t, task_features, task_splits, params, anchor["runs"][i][t.name][0]["iterations"]
+
+
 def anchor_test_scores(features, tasks, splits, anchor, anchor_buckets, refit=False):
     """The anchor's test predictions per task, refitted at its chosen settings (its fit is deterministic); with
     `refit`, those of its refit on train + valid (`hgb_refit`, at its chosen iterations)."""
-    from mmoe.training import TaskData
-
-    if refit:
-        splits = {"train": TaskData.concat([splits["train"], splits["valid"]]), "test": splits["test"]}
     scores = {}
-    for i, t in enumerate(tasks):
-        chosen = anchor["settings"][t.name]
-        numeric, money = _anchor_inputs(anchor, t.name)
-        task_features, task_splits = numeric_inputs(features, splits, numeric, anchor_buckets, money)
-        params = {name: chosen[name] for name, _ in HGB_AXES}
+    for t, task_features, task_splits, params, iterations in _anchor_per_task(
+            features, tasks, refit_splits(splits) if refit else splits, anchor, anchor_buckets):
         if refit:
-            fitted = hgb_refit(task_features, task_splits, t.name, params, anchor["runs"][i][t.name][0]["iterations"],
-                               test_scores=True)
+            fitted = hgb_refit(task_features, task_splits, t.name, params, iterations, test_scores=True)
         else:
             fitted = hgb_fit(task_features, task_splits, t.name, params, test_scores=True)
         scores[t.name] = fitted["test_scores"]
@@ -642,16 +650,10 @@ def hgb_refit(features, splits, task, params, iterations, seed=0, use_weights=Fa
 def anchor_refit(features, tasks, splits, anchor, anchor_buckets, cache, base_key):
     """The anchor per task refitted on the training and validation rows at its chosen settings and iteration count
     (`hgb_refit`); reported like `summarize`'s test block, plus the iterations."""
-    from mmoe.training import TaskData
-
-    merged = {"train": TaskData.concat([splits["train"], splits["valid"]]), "test": splits["test"]}
     out = {"test": {}, "iterations": {}}
-    for i, t in enumerate(tasks):
-        chosen = anchor["settings"][t.name]
+    for t, task_features, task_splits, params, iterations in _anchor_per_task(
+            features, tasks, refit_splits(splits), anchor, anchor_buckets):
         numeric, money = _anchor_inputs(anchor, t.name)
-        params = {name: chosen[name] for name, _ in HGB_AXES}
-        iterations = anchor["runs"][i][t.name][0]["iterations"]
-        task_features, task_splits = numeric_inputs(features, merged, numeric, anchor_buckets, money)
         key = {**base_key, "model": "hist_gradient_boosting", "task": t.name, "params": params,
                "numeric": numeric, "numeric_buckets": anchor_buckets, "money": money,
                "refit": "train+valid", "iterations": iterations}
@@ -807,7 +809,7 @@ def main(argv=None):
                     anchor_refit_scores = anchor_test_scores(features, tasks, splits,
                                                              group_report["hist_gradient_boosting"],
                                                              args.anchor_buckets, refit=True)
-            def refit_runs(arch, settings, runs, key):
+            def refit_runs(arch, settings, runs, run_key):
                 """Each seed's run refitted on train + valid for its best epoch count (cached like the runs)."""
                 refits = []
                 for seed, r in enumerate(runs):
@@ -821,8 +823,8 @@ def main(argv=None):
                         log(f"    g{group} {arch} seed {seed} refit on train + valid ({epochs} ep): test " +
                             ", ".join(f"{t.name} {refit['test'][t.name]['auc']:.4f}" for t in tasks))
                         return refit
-                    refits.append(cache.get({**key, "seed": seed, "refit": "train+valid", "refit_epochs": epochs},
-                                            compute))
+                    refits.append(cache.get({**run_key(settings, seed), "refit": "train+valid",
+                                             "refit_epochs": epochs}, compute))
                 return {"test": summarize(refits, tasks), "epochs": [r["epochs"] for r in refits], "runs": refits}
 
             archs = sorted(args.archs, key=lambda a: a != args.search_like)  # the searched one first
@@ -879,7 +881,7 @@ def main(argv=None):
                     "search": search_log,
                     "test": summarize(runs, tasks), "valid": summarize(runs, tasks, "valid"), "runs": runs}
                 if args.refit:
-                    group_report["archs"][arch]["refit"] = refit_runs(arch, settings, runs, run_key(settings, 0))
+                    group_report["archs"][arch]["refit"] = refit_runs(arch, settings, runs, run_key)
                 if anchor_scores is not None:
                     log(f"g{group} {arch}: retraining {args.seeds} seeds for their test predictions (--significance)")
                     scored = [train_once(arch, settings, features, tasks, splits, seed, args.epochs, args.patience,

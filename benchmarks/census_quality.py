@@ -779,127 +779,164 @@ def main(argv=None):
                 group, features, tasks, splits, protocol = prepare_data(args.data, source, args.split_seed,
                                                                         workdir, log)
             report["protocol"] = protocol
-            base_key = {"group": group, "protocol": {k: v for k, v in protocol.items() if k != "files"},
-                        "files": [os.path.basename(f) for f in protocol.get("files", [])],
-                        "inputs": inputs_fingerprint(features)}
-            main_task = tasks[0].name
-            group_report = report["groups"][str(group)] = {"tasks": [t.name for t in tasks], "archs": {}}
-            if not args.no_anchor:
-                log(f"group {group}: HistGradientBoosting anchor")
-                anchor = best_anchor([gradient_boosting_anchor(features, tasks, splits, cache, base_key,
-                                                               args.search or args.anchor_search, args.anchor_seeds,
-                                                               log, numeric=numeric,
-                                                               numeric_buckets=args.anchor_buckets, money=money)
-                                      for numeric in args.anchor_numeric for money in args.anchor_money
-                                      if numeric != "zscore" or money == "plain"], tasks)
-                group_report["hist_gradient_boosting"] = anchor
-                if args.refit:
-                    log(f"group {group}: the anchor refitted on train + valid (--refit)")
-                    anchor["refit"] = anchor_refit(features, tasks, splits, anchor, args.anchor_buckets, cache,
-                                                   base_key)
-                log(f"group {group} HGB test AUC: " + ", ".join(
-                    f"{k} {v['mean']:.4f}" for k, v in anchor["test"].items()))
-            chosen_in_group = {}
-            anchor_scores = anchor_refit_scores = None
-            if args.significance and "hist_gradient_boosting" in group_report:
-                log(f"group {group}: the anchor's test predictions (for --significance)")
-                anchor_scores = anchor_test_scores(features, tasks, splits, group_report["hist_gradient_boosting"],
-                                                   args.anchor_buckets)
-                if args.refit:
-                    anchor_refit_scores = anchor_test_scores(features, tasks, splits,
-                                                             group_report["hist_gradient_boosting"],
-                                                             args.anchor_buckets, refit=True)
-            def refit_runs(arch, settings, runs, run_key):
-                """Each seed's run refitted on train + valid for its best epoch count (cached like the runs)."""
-                refits = []
-                for seed, r in enumerate(runs):
-                    epochs = best_epoch(r, args.epochs, train_setting(settings, "patience") or args.patience)
-                    if epochs is None:  # a cached run that used every epoch: train it again to learn its best
-                        epochs = train_once(arch, settings, features, tasks, splits, seed, args.epochs,
-                                            args.patience)["best_epoch"]
-
-                    def compute(seed=seed, epochs=epochs):
-                        refit = refit_once(arch, settings, features, tasks, splits, seed, epochs)
-                        log(f"    g{group} {arch} seed {seed} refit on train + valid ({epochs} ep): test " +
-                            ", ".join(f"{t.name} {refit['test'][t.name]['auc']:.4f}" for t in tasks))
-                        return refit
-                    refits.append(cache.get({**run_key(settings, seed), "refit": "train+valid",
-                                             "refit_epochs": epochs}, compute))
-                return {"test": summarize(refits, tasks), "epochs": [r["epochs"] for r in refits], "runs": refits}
-
-            archs = sorted(args.archs, key=lambda a: a != args.search_like)  # the searched one first
-            for arch in archs:
-                def run_key(settings, seed, arch=arch):
-                    return {**base_key, "arch": arch, "settings": key_settings(settings), "seed": seed,
-                            "epochs": args.epochs, "patience": args.patience}
-
-                def run(settings, seed=0, arch=arch):
-                    key = run_key(settings, seed)
-
-                    def compute():
-                        r = train_once(arch, settings, features, tasks, splits, seed, args.epochs, args.patience)
-                        log(f"    g{group} {arch} seed {seed} {key_settings(settings)}: valid " + ", ".join(
-                            f"{t.name} {r['valid'][t.name]['auc']:.4f}" for t in tasks) +
-                            f" ({r['epochs']} ep, {r['seconds']} s)")
-                        return r
-                    return cache.get(key, compute)
-
-                settings, search_log = {**TRAIN_DEFAULTS, **CHOSEN.get((group, arch), BASE)}, []
-                searched = args.search and (args.search_archs is None or arch in args.search_archs)
-                if searched:
-                    log(f"search g{group} {arch} (validation {main_task} AUC, seed 0)")
-                    settings, table = coordinate_search(search_axes(arch), {**TRAIN_DEFAULTS, **BASE},
-                                                        lambda s: run(s)["valid"][main_task]["auc"], log)
-                    search_log = [{"axis": a, **key_settings(s), "valid_auc": v} for a, s, v in table]
-                    chosen_in_group[arch] = settings
-                elif args.search and args.search_like in chosen_in_group:
-                    settings = dict(chosen_in_group[args.search_like])
-                if args.refine:
-                    # Every architecture, the searched one included, gets the same short search from the same
-                    # point, so none is compared at settings tuned for another.
-                    start = dict(chosen_in_group.get(args.search_like)
-                                 or {**TRAIN_DEFAULTS, **SEARCHED.get((group, args.search_like), BASE)})
-                    seeds = range(args.select_seeds)
-                    log(f"refine g{group} {arch} from {args.search_like}'s settings (validation {main_task} AUC, "
-                        f"mean of seeds {list(seeds)})")
-                    def score(s):
-                        return float(np.mean([run(s, seed)["valid"][main_task]["auc"] for seed in seeds]))
-                    settings, table = coordinate_search(refine_axes(arch), start, score, log)
-                    search_log += [{"axis": f"refine: {a}", **key_settings(s), "valid_auc": v} for a, s, v in table]
-                    edges = edge_axes(arch, settings)
-                    if edges:
-                        log(f"refine g{group} {arch}: edge pass over {', '.join(a for a, _ in edges)}")
-                        settings, table = coordinate_search(edges, settings, score, log)
-                        search_log += [{"axis": f"refine: {a}", **key_settings(s), "valid_auc": v}
-                                       for a, s, v in table[1:]]  # table[0] is the refine's best, listed above
-                runs = [run(settings, seed) for seed in range(args.seeds)]
-                for seed, r in enumerate(runs):
-                    log(f"g{group} {arch} seed {seed}: test " + ", ".join(
-                        f"{t.name} {r['test'][t.name]['auc']:.4f}" for t in tasks) + f" ({r['epochs']} ep)")
-                group_report["archs"][arch] = {
-                    "settings": key_settings(settings), "searched": searched, "refined": args.refine,
-                    "search": search_log,
-                    "test": summarize(runs, tasks), "valid": summarize(runs, tasks, "valid"), "runs": runs}
-                if args.refit:
-                    group_report["archs"][arch]["refit"] = refit_runs(arch, settings, runs, run_key)
-                if anchor_scores is not None:
-                    log(f"g{group} {arch}: retraining {args.seeds} seeds for their test predictions (--significance)")
-                    scored = [train_once(arch, settings, features, tasks, splits, seed, args.epochs, args.patience,
-                                         test_scores=True) for seed in range(args.seeds)]
-                    warn_if_retrained_differently(scored, runs, tasks, log)
-                    group_report["archs"][arch]["vs_anchor"] = versus_anchor(
-                        splits["test"].labels, anchor_scores, [r["test_scores"] for r in scored])
-                if anchor_refit_scores is not None:
-                    refit = group_report["archs"][arch]["refit"]
-                    log(f"g{group} {arch}: refitting {args.seeds} seeds again for their test predictions")
-                    scored = [refit_once(arch, settings, features, tasks, splits, seed, epochs, test_scores=True)
-                              for seed, epochs in enumerate(refit["epochs"])]
-                    warn_if_retrained_differently(scored, refit["runs"], tasks, log)
-                    refit["vs_anchor"] = versus_anchor(splits["test"].labels, anchor_refit_scores,
-                                                       [r["test_scores"] for r in scored])
+            report["groups"][str(group)] = GroupBench(args, group, features, tasks, splits, protocol, cache,
+                                                      log).report()
     Path(args.out).write_text(json.dumps(report, indent=1))
     print(markdown(report))
     return 0
+
+
+class GroupBench:
+    """One task group's part of the command: the anchor, then for each architecture its settings (as chosen, or
+    searched and refined on validation), its seeds' runs, and with --refit / --significance their refits and the
+    comparison with the anchor. Every training run goes through the run cache, keyed by `run_key`."""
+
+    def __init__(self, args, group, features, tasks, splits, protocol, cache, log):
+        self.args, self.group, self.features, self.tasks, self.splits = args, group, features, tasks, splits
+        self.cache, self.log = cache, log
+        self.main_task = tasks[0].name
+        self.base_key = {"group": group, "protocol": {k: v for k, v in protocol.items() if k != "files"},
+                         "files": [os.path.basename(f) for f in protocol.get("files", [])],
+                         "inputs": inputs_fingerprint(features)}
+
+    def report(self) -> dict:
+        """The group's part of the report: its tasks, each architecture's results and the anchor's."""
+        args, group = self.args, self.group
+        group_report = {"tasks": [t.name for t in self.tasks], "archs": {}}
+        anchor = None if args.no_anchor else self.anchor()
+        if anchor is not None:
+            group_report["hist_gradient_boosting"] = anchor
+        anchor_scores = anchor_refit_scores = None
+        if args.significance and anchor is not None:
+            self.log(f"group {group}: the anchor's test predictions (for --significance)")
+            anchor_scores = anchor_test_scores(self.features, self.tasks, self.splits, anchor, args.anchor_buckets)
+            if args.refit:
+                anchor_refit_scores = anchor_test_scores(self.features, self.tasks, self.splits, anchor,
+                                                         args.anchor_buckets, refit=True)
+        chosen_in_group = {}
+        for arch in sorted(args.archs, key=lambda a: a != args.search_like):  # the searched one first
+            group_report["archs"][arch] = self.arch_report(arch, chosen_in_group, anchor_scores,
+                                                           anchor_refit_scores)
+        return group_report
+
+    def anchor(self) -> dict:
+        """The HGB anchor: the best of its numeric / money input variants per task, refitted with --refit."""
+        args, group = self.args, self.group
+        self.log(f"group {group}: HistGradientBoosting anchor")
+        anchor = best_anchor([gradient_boosting_anchor(self.features, self.tasks, self.splits, self.cache,
+                                                       self.base_key, args.search or args.anchor_search,
+                                                       args.anchor_seeds, self.log, numeric=numeric,
+                                                       numeric_buckets=args.anchor_buckets, money=money)
+                              for numeric in args.anchor_numeric for money in args.anchor_money
+                              if numeric != "zscore" or money == "plain"], self.tasks)
+        if args.refit:
+            self.log(f"group {group}: the anchor refitted on train + valid (--refit)")
+            anchor["refit"] = anchor_refit(self.features, self.tasks, self.splits, anchor, args.anchor_buckets,
+                                           self.cache, self.base_key)
+        self.log(f"group {group} HGB test AUC: " + ", ".join(
+            f"{k} {v['mean']:.4f}" for k, v in anchor["test"].items()))
+        return anchor
+
+    def run_key(self, arch, settings, seed) -> dict:
+        return {**self.base_key, "arch": arch, "settings": key_settings(settings), "seed": seed,
+                "epochs": self.args.epochs, "patience": self.args.patience}
+
+    def run(self, arch, settings, seed=0) -> dict:
+        """One training run (`train_once`), from the cache when it holds it."""
+        key = self.run_key(arch, settings, seed)
+
+        def compute():
+            r = train_once(arch, settings, self.features, self.tasks, self.splits, seed, self.args.epochs,
+                           self.args.patience)
+            self.log(f"    g{self.group} {arch} seed {seed} {key_settings(settings)}: valid " + ", ".join(
+                f"{t.name} {r['valid'][t.name]['auc']:.4f}" for t in self.tasks) +
+                f" ({r['epochs']} ep, {r['seconds']} s)")
+            return r
+        return self.cache.get(key, compute)
+
+    def choose(self, arch, chosen_in_group) -> tuple[dict, list, bool]:
+        """(settings, search log, searched): CHOSEN's settings, or --search's and --refine's choice on validation.
+        A searched architecture's choice goes into `chosen_in_group`, where the others start from."""
+        args, main_task, log = self.args, self.main_task, self.log
+        settings, search_log = {**TRAIN_DEFAULTS, **CHOSEN.get((self.group, arch), BASE)}, []
+        searched = args.search and (args.search_archs is None or arch in args.search_archs)
+        if searched:
+            log(f"search g{self.group} {arch} (validation {main_task} AUC, seed 0)")
+            settings, table = coordinate_search(search_axes(arch), {**TRAIN_DEFAULTS, **BASE},
+                                                lambda s: self.run(arch, s)["valid"][main_task]["auc"], log)
+            search_log = [{"axis": a, **key_settings(s), "valid_auc": v} for a, s, v in table]
+            chosen_in_group[arch] = settings
+        elif args.search and args.search_like in chosen_in_group:
+            settings = dict(chosen_in_group[args.search_like])
+        if args.refine:
+            # Every architecture, the searched one included, gets the same short search from the same
+            # point, so none is compared at settings tuned for another.
+            start = dict(chosen_in_group.get(args.search_like)
+                         or {**TRAIN_DEFAULTS, **SEARCHED.get((self.group, args.search_like), BASE)})
+            seeds = range(args.select_seeds)
+            log(f"refine g{self.group} {arch} from {args.search_like}'s settings (validation {main_task} AUC, "
+                f"mean of seeds {list(seeds)})")
+
+            def score(s):
+                return float(np.mean([self.run(arch, s, seed)["valid"][main_task]["auc"] for seed in seeds]))
+            settings, table = coordinate_search(refine_axes(arch), start, score, log)
+            search_log += [{"axis": f"refine: {a}", **key_settings(s), "valid_auc": v} for a, s, v in table]
+            edges = edge_axes(arch, settings)
+            if edges:
+                log(f"refine g{self.group} {arch}: edge pass over {', '.join(a for a, _ in edges)}")
+                settings, table = coordinate_search(edges, settings, score, log)
+                search_log += [{"axis": f"refine: {a}", **key_settings(s), "valid_auc": v}
+                               for a, s, v in table[1:]]  # table[0] is the refine's best, listed above
+        return settings, search_log, searched
+
+    def arch_report(self, arch, chosen_in_group, anchor_scores=None, anchor_refit_scores=None) -> dict:
+        """An architecture's settings, search log, seeds' runs and their summaries; its refits with --refit, and
+        with the anchor's test predictions (--significance) the paired comparison with them."""
+        args, tasks, log = self.args, self.tasks, self.log
+        settings, search_log, searched = self.choose(arch, chosen_in_group)
+        runs = [self.run(arch, settings, seed) for seed in range(args.seeds)]
+        for seed, r in enumerate(runs):
+            log(f"g{self.group} {arch} seed {seed}: test " + ", ".join(
+                f"{t.name} {r['test'][t.name]['auc']:.4f}" for t in tasks) + f" ({r['epochs']} ep)")
+        out = {"settings": key_settings(settings), "searched": searched, "refined": args.refine,
+               "search": search_log, "test": summarize(runs, tasks), "valid": summarize(runs, tasks, "valid"),
+               "runs": runs}
+        if args.refit:
+            out["refit"] = self.refit_runs(arch, settings, runs)
+        labels = self.splits["test"].labels
+        if anchor_scores is not None:
+            log(f"g{self.group} {arch}: retraining {args.seeds} seeds for their test predictions (--significance)")
+            scored = [train_once(arch, settings, self.features, tasks, self.splits, seed, args.epochs,
+                                 args.patience, test_scores=True) for seed in range(args.seeds)]
+            warn_if_retrained_differently(scored, runs, tasks, log)
+            out["vs_anchor"] = versus_anchor(labels, anchor_scores, [r["test_scores"] for r in scored])
+        if anchor_refit_scores is not None:
+            refit = out["refit"]
+            log(f"g{self.group} {arch}: refitting {args.seeds} seeds again for their test predictions")
+            scored = [refit_once(arch, settings, self.features, tasks, self.splits, seed, epochs, test_scores=True)
+                      for seed, epochs in enumerate(refit["epochs"])]
+            warn_if_retrained_differently(scored, refit["runs"], tasks, log)
+            refit["vs_anchor"] = versus_anchor(labels, anchor_refit_scores, [r["test_scores"] for r in scored])
+        return out
+
+    def refit_runs(self, arch, settings, runs) -> dict:
+        """Each seed's run refitted on train + valid for its best epoch count (cached like the runs)."""
+        args = self.args
+        refits = []
+        for seed, r in enumerate(runs):
+            epochs = best_epoch(r, args.epochs, train_setting(settings, "patience") or args.patience)
+            if epochs is None:  # a cached run that used every epoch: train it again to learn its best
+                epochs = train_once(arch, settings, self.features, self.tasks, self.splits, seed, args.epochs,
+                                    args.patience)["best_epoch"]
+
+            def compute(seed=seed, epochs=epochs):
+                refit = refit_once(arch, settings, self.features, self.tasks, self.splits, seed, epochs)
+                self.log(f"    g{self.group} {arch} seed {seed} refit on train + valid ({epochs} ep): test " +
+                         ", ".join(f"{t.name} {refit['test'][t.name]['auc']:.4f}" for t in self.tasks))
+                return refit
+            refits.append(self.cache.get({**self.run_key(arch, settings, seed), "refit": "train+valid",
+                                          "refit_epochs": epochs}, compute))
+        return {"test": summarize(refits, self.tasks), "epochs": [r["epochs"] for r in refits], "runs": refits}
 
 
 def _fmt(settings):

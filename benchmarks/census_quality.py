@@ -417,7 +417,7 @@ def train_once(arch, settings, features, tasks, splits, seed, epochs, patience=4
     `--significance`; not for the run cache)."""
     import keras
 
-    from mmoe.training import TaskData, evaluate, fit, monitor_for, predict, prediction_metrics
+    from mmoe.training import TaskData, early_stopped_epoch, evaluate, fit, predict, prediction_metrics
 
     config, tasks, features, splits = _setup(arch, settings, features, tasks, splits)
     patience = train_setting(settings, "patience") or patience
@@ -430,13 +430,11 @@ def train_once(arch, settings, features, tasks, splits, seed, epochs, patience=4
     started = time.time()
     history = fit(model, tasks, train, valid, epochs=epochs, batch_size=settings["batch_size"],
                   patience=patience, verbose=0, seed=seed, callbacks=callbacks)
-    monitor, mode = monitor_for(tasks[0], len(tasks))
-    watched = np.asarray(history.history[monitor])
     test_predictions = predict(model, splits["test"].inputs)
     result = {"valid": evaluate(model, tasks, splits["valid"]),
               "test": prediction_metrics(tasks, splits["test"].labels, test_predictions),
               "epochs": len(history.history["loss"]),
-              "best_epoch": int(np.argmax(watched) if mode == "max" else np.argmin(watched)) + 1,
+              "best_epoch": early_stopped_epoch(history.history, tasks[0], len(tasks)),
               "seconds": round(time.time() - started, 1), "params": model.count_params()}
     if test_scores:
         result["test_scores"] = {k: np.asarray(v, dtype="float64").ravel() for k, v in test_predictions.items()}

@@ -70,6 +70,16 @@ def monitor_for(task: TaskSpec, num_tasks: int) -> tuple[str, str]:
     return (prefix + "auc", "max") if task.kind == "binary" else (prefix + "rmse", "min")
 
 
+def early_stopped_epoch(history: Mapping[str, Sequence[float]], task: TaskSpec, num_tasks: int) -> int:
+    """The epoch (from 1) whose weights `fit`'s early stopping kept: the best validation metric of `task`, the
+    main task, in a Keras `History.history`. Retraining on more rows for this many epochs is a refit."""
+    monitor, mode = monitor_for(task, num_tasks)
+    if not history.get(monitor):
+        raise ValueError(f"the history has no {monitor!r}: was the model trained with validation data?")
+    watched = np.asarray(history[monitor], dtype="float64")
+    return int(np.argmax(watched) if mode == "max" else np.argmin(watched)) + 1
+
+
 def _sample_weights(data: TaskData, tasks: Sequence[TaskSpec]):
     if data.weights is None:
         return None

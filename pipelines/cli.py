@@ -126,7 +126,8 @@ def cmd_train(args) -> int:
     settings = TrainSettings(epochs=args.epochs, batch_size=args.batch_size, patience=args.patience, seed=args.seed,
                              split=parse_split(args.split), use_weights=args.use_weights,
                              main_task=args.main_task, loss_weights=args.loss_weights,
-                             jit_compile=not args.no_xla, steps_per_execution=args.steps_per_execution)
+                             refit=args.refit, jit_compile=not args.no_xla,
+                             steps_per_execution=args.steps_per_execution)
     spec = _dataset_spec(args)
     config = model_config_from_args(args)
     for path in args.data:
@@ -183,6 +184,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--loss-weights", type=_loss_weights, help="per-task loss weights, e.g. income=1,marital=0.5")
     train.add_argument("--use-weights", action="store_true",
                        help="use the spec's weight column (census: instance_weight) as sample weights")
+    train.add_argument("--refit", action="store_true",
+                       help="after early stopping, train a new model on train + valid for the epochs it kept and save "
+                       "that one (metrics.json adds its test metrics as refit_test)")
     train.add_argument("--no-xla", action="store_true", help="train without jit_compile (TensorFlow backend)")
     train.add_argument("--steps-per-execution", type=int, default=16,
                        help="batches per compiled call; larger amortises per-step overhead")

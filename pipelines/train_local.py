@@ -2,9 +2,10 @@
 
 The run directory holds everything needed to reuse or serve the model:
 
-    DIR/model.keras          the trained Keras 3 model
+    DIR/model.keras          the trained Keras 3 model (with --refit, the one refitted on train + valid)
     DIR/transform/           the tf.Transform output (transform_fn, metadata)
-    DIR/metrics.json         per task: validation and test metrics, the split protocol
+    DIR/metrics.json         per task: validation and test metrics (with --refit, also the refit's test
+                             metrics), the split protocol
     DIR/run_config.json      dataset spec, model config, tasks and training settings
     DIR/history.json, DIR/training_curves.png   per-epoch losses and metrics
 """
@@ -33,6 +34,9 @@ class TrainSettings:
     use_weights: bool = False
     main_task: Optional[str] = None
     loss_weights: Optional[dict] = None
+    # After early stopping on validation, train a fresh model on train + valid for the epochs it kept and save
+    # that one: validation still chooses, then trains too (census: +0.001 test AUC on the main task).
+    refit: bool = False
     jit_compile: bool = True
     # Batches per compiled call: amortises per-step dispatch, which dominates
     # these small models (2.5x faster at batch 1024 on 2 CPU cores).
@@ -123,7 +127,7 @@ def train_run(spec, data: Sequence[str], out_dir: str, model_config, settings: T
     import keras
 
     from mmoe import InputFeature, build_model, compile_model
-    from mmoe.training import evaluate, fit
+    from mmoe.training import TaskData, early_stopped_epoch, evaluate, fit
 
     out = Path(out_dir)
     if (out / "metrics.json").exists() and not overwrite:
@@ -137,15 +141,19 @@ def train_run(spec, data: Sequence[str], out_dir: str, model_config, settings: T
     names = [f.name for f in features]
     splits = {k: task_data(arrays[k], spec, names, settings.use_weights) for k in ("train", "valid", "test")}
 
-    keras.utils.set_random_seed(settings.seed)
-    model = compile_model(build_model(model_config, features, tasks), model_config, tasks,
-                          jit_compile=settings.jit_compile, steps_per_execution=settings.steps_per_execution)
+    def new_model():
+        keras.utils.set_random_seed(settings.seed)
+        return compile_model(build_model(model_config, features, tasks), model_config, tasks,
+                             jit_compile=settings.jit_compile, steps_per_execution=settings.steps_per_execution)
+
+    model = new_model()
     log(f"training {model_config.arch} ({model.count_params():,} parameters) on {len(splits['train']):,} rows, "
         f"backend {keras.backend.backend()}")
+    verbose = 1 if sys.stdout.isatty() else 2
     fit_started = time.time()
     history = fit(model, tasks, splits["train"], splits["valid"], epochs=settings.epochs,
                   batch_size=settings.batch_size, patience=settings.patience, main_task=settings.main_task,
-                  verbose=1 if sys.stdout.isatty() else 2, seed=settings.seed)
+                  verbose=verbose, seed=settings.seed)
     train_seconds = time.time() - fit_started
 
     metrics = {
@@ -161,6 +169,21 @@ def train_run(spec, data: Sequence[str], out_dir: str, model_config, settings: T
     test_metrics = evaluate(model, tasks, splits["test"])
     for t in tasks:
         metrics["tasks"][t.name] = {"kind": t.kind, "valid": valid_metrics[t.name], "test": test_metrics[t.name]}
+    if settings.refit:
+        main = next(t for t in tasks if t.name == (settings.main_task or tasks[0].name))
+        epochs = early_stopped_epoch(history.history, main, len(tasks))
+        both = TaskData.concat([splits["train"], splits["valid"]])
+        log(f"refit: a new model on train + valid ({len(both):,} rows) for {epochs} epochs, the count early "
+            f"stopping kept; it is the one saved")
+        model = new_model()
+        refit_started = time.time()
+        fit(model, tasks, both, None, epochs=epochs, batch_size=settings.batch_size, verbose=verbose,
+            seed=settings.seed)
+        metrics["refit"] = {"epochs": epochs, "rows": len(both),
+                            "train_seconds": round(time.time() - refit_started, 1)}
+        refit_test = evaluate(model, tasks, splits["test"])
+        for t in tasks:
+            metrics["tasks"][t.name]["refit_test"] = refit_test[t.name]
 
     model.save(out / "model.keras")
     (out / "history.json").write_text(json.dumps(
@@ -226,14 +249,19 @@ def load_arrays(path: str):
 
 def format_metrics(metrics: dict) -> str:
     """A small per-task table for the terminal."""
-    lines = [f"{'task':<14}{'metric':<8}{'valid':>9}{'test':>9}"]
+    refit = metrics.get("refit")
+    lines = [f"{'task':<14}{'metric':<8}{'valid':>9}{'test':>9}" + (f"{'refit test':>12}" if refit else "")]
     for name, m in metrics["tasks"].items():
         key = "auc" if m["kind"] == "binary" else "rmse"
-        lines.append(f"{name:<14}{key:<8}{m['valid'][key]:>9.4f}{m['test'][key]:>9.4f}")
+        lines.append(f"{name:<14}{key:<8}{m['valid'][key]:>9.4f}{m['test'][key]:>9.4f}" +
+                     (f"{m['refit_test'][key]:>12.4f}" if refit else ""))
     p = metrics["protocol"]
     lines.append(f"protocol: {p['name']}" + (f" {p['split']}" if "split" in p else "") +
                  f", seed {p['seed']}; rows train/valid/test {p['rows']['train']:,}/{p['rows']['valid']:,}/"
                  f"{p['rows']['test']:,}; {metrics['epochs_trained']} epochs in {metrics['train_seconds']} s")
+    if refit:
+        lines.append(f"refit (the saved model): {refit['epochs']} epochs on train + valid ({refit['rows']:,} rows) "
+                     f"in {refit['train_seconds']} s")
     return "\n".join(lines)
 
 

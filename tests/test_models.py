@@ -255,6 +255,19 @@ def test_early_stopping_watches_a_metric_keras_logs(toy, num_tasks):
         monitor_for(tasks[0], 0)
 
 
+def test_early_stopped_epoch_is_the_main_tasks_best_validation_epoch():
+    from mmoe.config import TaskSpec
+    from mmoe.training import early_stopped_epoch
+
+    history = {"val_a_auc": [0.70, 0.74, 0.73, 0.72], "val_b_rmse": [3.0, 2.0, 1.0, 1.5], "loss": [1, 1, 1, 1]}
+    assert early_stopped_epoch(history, TaskSpec("a"), 2) == 2  # AUC: the highest
+    assert early_stopped_epoch(history, TaskSpec("b", "regression"), 2) == 3  # RMSE: the lowest
+    # A one-task model's keys carry no task name (monitor_for); a history without validation is an error.
+    assert early_stopped_epoch({"val_auc": [0.5, 0.6]}, TaskSpec("a"), 1) == 2
+    with pytest.raises(ValueError, match="val_a_auc"):
+        early_stopped_epoch({"loss": [1.0]}, TaskSpec("a"), 2)
+
+
 def test_task_data_concat_keeps_row_order_and_drops_weights_only_when_a_part_lacks_them():
     from mmoe.training import TaskData
 

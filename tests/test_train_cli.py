@@ -62,6 +62,33 @@ def test_train_writes_model_transform_and_metrics(small_census, tmp_path, capsys
 
 
 @pytest.mark.slow
+@pytest.mark.slow
+def test_refit_saves_a_model_trained_on_train_and_valid_for_the_epochs_early_stopping_kept(small_census, tmp_path,
+                                                                                          capsys):
+    from mmoe.training import predict, roc_auc
+    from pipelines.train_local import load_arrays
+
+    out = tmp_path / "run"
+    rc = main(["train", "--data", str(small_census), "--out", str(out), "--epochs", "4", "--patience", "1",
+               "--num-experts", "2", "--expert-units", "8", "--batch-size", "256", "--seed", "3", "--refit"])
+    assert rc == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    history = json.loads((out / "history.json").read_text())
+    # The refit's epoch count is the early-stopped run's best income (main task) validation epoch.
+    assert metrics["refit"]["epochs"] == int(np.argmax(history["val_income_auc"])) + 1
+    assert metrics["refit"]["rows"] == 1500 + 500
+    assert json.loads((out / "run_config.json").read_text())["train"]["refit"] is True
+    # The saved model is the refitted one: its test predictions give refit_test, not the early-stopped test AUC.
+    arrays = tmp_path / "census.npz"
+    assert main(["data", "export", "--data", str(small_census), "--out", str(arrays), "--seed", "3"]) == 0
+    _, _, splits, _ = load_arrays(str(arrays))
+    scores = predict(keras.saving.load_model(out / "model.keras"), splits["test"].inputs)
+    saved = {t: roc_auc(splits["test"].labels[t], scores[t]) for t in ("income", "marital")}
+    assert saved == {t: pytest.approx(metrics["tasks"][t]["refit_test"]["auc"], abs=1e-6) for t in saved}
+    assert saved != {t: pytest.approx(metrics["tasks"][t]["test"]["auc"], abs=1e-6) for t in saved}
+    assert "refit test" in capsys.readouterr().out
+
+
 def test_train_on_a_dataset_that_is_not_census(tmp_path, capsys):
     rng = np.random.default_rng(0)
     n = 1200

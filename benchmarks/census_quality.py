@@ -79,13 +79,10 @@ BASE = {"learning_rate": 1e-3, "batch_size": 512, "num_experts": 8, "expert_unit
 #     quantile-bucket id, embedded) or "both"; bucket ids are the spec's `also_bucketize` twins
 #     (`<name>_bucket`) when the arrays have them, else derived here from training-split quantiles
 #     (`numeric_buckets` of them) of the transformed value.
-#   schedule: "constant", "plateau" (learning rate x0.3 after 2 epochs without a better main-task
-#     validation AUC) or "cosine" (cosine decay to 1% over `cosine_epochs` epochs, then constant).
-#   weight_decay: > 0 trains with AdamW (decoupled weight decay) instead of Adam.
+#   schedule, cosine_epochs, weight_decay, ema: the optimizer (`mmoe.training.OptimizerSettings`, which
+#     `mmoe train` takes as flags too).
 #   patience: early-stopping patience (epochs) on the main task's validation AUC.
 #   main_loss_weight: weight of the main task's loss (the other task's stays 1).
-#   ema: > 0 keeps an exponential moving average of the weights with this momentum per step (Polyak
-#     averaging; Keras `use_ema`), and validates, early-stops on and keeps the averaged weights.
 #   money: how the mostly-zero money columns (MONEY_COLUMNS) enter: "plain" like the other numeric inputs;
 #     "log": their z-scored input is log-scaled (`money_log`); "zero": zero gets its own bucket id and the
 #     quantile buckets are taken over the non-zero training values (`zero_buckets`; derived bucket ids only,
@@ -346,39 +343,12 @@ def numeric_inputs(features, splits, mode, n_buckets, money="plain"):
                  for k, d in splits.items()}
 
 
-def optimizer_for(settings, learning_rate, main_task, n_train, num_tasks):
-    """(optimizer, callbacks) for the schedule, weight_decay and ema settings; the optimizer is None when
-    they are all at their defaults (compile_model's plain Adam is kept)."""
-    import keras
+def optimizer_settings(settings):
+    """The settings' schedule, weight decay and EMA as `mmoe.training.OptimizerSettings`."""
+    from mmoe.training import OptimizerSettings
 
-    from mmoe.training import monitor_for
-
-    schedule, decay = train_setting(settings, "schedule"), train_setting(settings, "weight_decay")
-    ema = train_setting(settings, "ema")
-    callbacks = []
-    if schedule == "constant" and not decay and not ema:
-        return None, callbacks
-    lr = learning_rate
-    if schedule == "cosine":
-        steps = -(-n_train // settings["batch_size"])
-        lr = keras.optimizers.schedules.CosineDecay(lr, steps * train_setting(settings, "cosine_epochs"), alpha=0.01)
-    elif schedule == "plateau":
-        monitor, mode = monitor_for(main_task, num_tasks)
-        callbacks.append(keras.callbacks.ReduceLROnPlateau(monitor=monitor, mode=mode, factor=0.3, patience=2,
-                                                           min_lr=1e-5))
-    elif schedule != "constant":
-        raise ValueError(f"schedule must be constant, plateau or cosine, got {schedule!r}")
-    averaging = {"use_ema": True, "ema_momentum": ema} if ema else {}
-    optimizer = (keras.optimizers.AdamW(learning_rate=lr, weight_decay=decay, **averaging) if decay
-                 else keras.optimizers.Adam(learning_rate=lr, **averaging))
-    if ema:
-        # Validation runs on the averaged weights (SwapEMAWeights swaps them in at on_test_begin), and with
-        # swap_on_epoch they are also in the model at on_epoch_end, where fit's EarlyStopping (added after
-        # these callbacks) records its best weights. Its restore at the end of fit comes after the optimizer's
-        # finalize_variable_values (which after an early stop would put the raw weights back), so the model
-        # ends with the averaged weights of the best epoch.
-        callbacks.append(keras.callbacks.SwapEMAWeights(swap_on_epoch=True))
-    return optimizer, callbacks
+    return OptimizerSettings(**{k: train_setting(settings, k) for k in ("schedule", "cosine_epochs", "weight_decay",
+                                                                          "ema")})
 
 
 def _setup(arch, settings, features, tasks, splits):
@@ -400,15 +370,13 @@ def _compiled_model(config, settings, features, tasks, n_train, seed):
     import keras
 
     from mmoe import build_model, compile_model
-    from mmoe.models import task_losses, task_metrics
+    from mmoe.training import optimizer_and_callbacks
 
     keras.utils.set_random_seed(seed)
-    model = compile_model(build_model(config, features, tasks), config, tasks, steps_per_execution=16)
-    optimizer, callbacks = optimizer_for(settings, config.learning_rate, tasks[0], n_train, len(tasks))
-    if optimizer is not None:
-        model.compile(optimizer=optimizer, loss=task_losses(tasks), loss_weights={t.name: t.loss_weight for t in tasks},
-                      metrics=task_metrics(tasks), jit_compile=True, steps_per_execution=16)
-    return model, callbacks
+    model = build_model(config, features, tasks)
+    optimizer, callbacks = optimizer_and_callbacks(optimizer_settings(settings), config.learning_rate,
+                                                   -(-n_train // settings["batch_size"]), tasks[0], len(tasks))
+    return compile_model(model, config, tasks, steps_per_execution=16, optimizer=optimizer), callbacks
 
 
 def train_once(arch, settings, features, tasks, splits, seed, epochs, patience=4, test_scores=False):

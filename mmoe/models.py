@@ -169,8 +169,11 @@ def task_metrics(tasks: Sequence[TaskSpec]) -> dict[str, list]:
 
 
 def compile_model(model: keras.Model, config: ModelConfig, tasks: Sequence[TaskSpec],
-                  jit_compile: bool | str = True, steps_per_execution: int = 1) -> keras.Model:
-    """Compiles with Adam, one loss and metric per task and per-task loss weights.
+                  jit_compile: bool | str = True, steps_per_execution: int = 1,
+                  optimizer: keras.optimizers.Optimizer | None = None) -> keras.Model:
+    """Compiles with `optimizer` (default: Adam at `config.learning_rate`; see
+    `mmoe.training.optimizer_and_callbacks` for schedules, AdamW and weight averaging), one loss and metric per
+    task and per-task loss weights.
 
     `jit_compile=True` asks for XLA on the TensorFlow backend (JAX always
     compiles with XLA). `steps_per_execution > 1` runs several batches per
@@ -181,7 +184,7 @@ def compile_model(model: keras.Model, config: ModelConfig, tasks: Sequence[TaskS
     if keras.backend.backend() not in ("tensorflow", "jax"):
         jit_compile = False
     model.compile(
-        optimizer=keras.optimizers.Adam(learning_rate=config.learning_rate),
+        optimizer=optimizer or keras.optimizers.Adam(learning_rate=config.learning_rate),
         loss=task_losses(tasks),
         loss_weights={t.name: t.loss_weight for t in tasks},
         metrics=task_metrics(tasks),

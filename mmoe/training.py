@@ -80,6 +80,65 @@ def early_stopped_epoch(history: Mapping[str, Sequence[float]], task: TaskSpec, 
     return int(np.argmax(watched) if mode == "max" else np.argmin(watched)) + 1
 
 
+SCHEDULES = ("constant", "plateau", "cosine")
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerSettings:
+    """How the weights are stepped, beyond the learning rate (`ModelConfig.learning_rate`).
+
+    Attributes:
+        schedule: "constant"; "plateau" (learning rate x0.3 after 2 epochs without a better main-task validation
+            metric, down to 1e-5); or "cosine" (cosine decay to 1% over `cosine_epochs` epochs, then constant).
+        cosine_epochs: length of the cosine decay, in epochs.
+        weight_decay: > 0 trains with AdamW (decoupled weight decay) instead of Adam.
+        ema: > 0 keeps an exponential moving average of the weights with this momentum per step (Polyak
+            averaging); validation, early stopping and the trained model use the averaged weights.
+    """
+
+    schedule: str = "constant"
+    cosine_epochs: int = 20
+    weight_decay: float = 0.0
+    ema: float = 0.0
+
+    def __post_init__(self):
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        if self.cosine_epochs < 1:
+            raise ValueError(f"cosine_epochs must be >= 1, got {self.cosine_epochs}")
+        if not self.weight_decay >= 0:
+            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
+        if not 0 <= self.ema < 1:
+            raise ValueError(f"ema must be in [0, 1), got {self.ema}")
+
+
+def optimizer_and_callbacks(settings: OptimizerSettings, learning_rate: float, steps_per_epoch: int,
+                            main_task: TaskSpec, num_tasks: int) -> tuple[keras.optimizers.Optimizer, list]:
+    """(optimizer, callbacks to pass to `fit`) for `settings`: Adam or AdamW, the learning-rate schedule (cosine
+    counts `steps_per_epoch` optimizer steps per epoch) and weight averaging. The defaults give plain Adam and no
+    callbacks, which is what `compile_model` uses."""
+    callbacks = []
+    lr = learning_rate
+    if settings.schedule == "cosine":
+        lr = keras.optimizers.schedules.CosineDecay(learning_rate, steps_per_epoch * settings.cosine_epochs,
+                                                    alpha=0.01)
+    elif settings.schedule == "plateau":
+        monitor, mode = monitor_for(main_task, num_tasks)
+        callbacks.append(keras.callbacks.ReduceLROnPlateau(monitor=monitor, mode=mode, factor=0.3, patience=2,
+                                                           min_lr=1e-5))
+    averaging = {"use_ema": True, "ema_momentum": settings.ema} if settings.ema else {}
+    optimizer = (keras.optimizers.AdamW(learning_rate=lr, weight_decay=settings.weight_decay, **averaging)
+                 if settings.weight_decay else keras.optimizers.Adam(learning_rate=lr, **averaging))
+    if settings.ema:
+        # Validation runs on the averaged weights (SwapEMAWeights swaps them in at on_test_begin), and with
+        # swap_on_epoch they are also in the model at on_epoch_end, where fit's EarlyStopping (added after
+        # these callbacks) records its best weights. Its restore at the end of fit comes after the optimizer's
+        # finalize_variable_values (which after an early stop would put the raw weights back), so the model
+        # ends with the averaged weights of the best epoch.
+        callbacks.append(keras.callbacks.SwapEMAWeights(swap_on_epoch=True))
+    return optimizer, callbacks
+
+
 def _sample_weights(data: TaskData, tasks: Sequence[TaskSpec]):
     if data.weights is None:
         return None

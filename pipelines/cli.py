@@ -126,7 +126,8 @@ def cmd_train(args) -> int:
     settings = TrainSettings(epochs=args.epochs, batch_size=args.batch_size, patience=args.patience, seed=args.seed,
                              split=parse_split(args.split), use_weights=args.use_weights,
                              main_task=args.main_task, loss_weights=args.loss_weights,
-                             refit=args.refit, jit_compile=not args.no_xla,
+                             refit=args.refit, schedule=args.schedule, cosine_epochs=args.cosine_epochs,
+                             weight_decay=args.weight_decay, ema=args.ema, jit_compile=not args.no_xla,
                              steps_per_execution=args.steps_per_execution)
     spec = _dataset_spec(args)
     config = model_config_from_args(args)
@@ -187,6 +188,15 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--refit", action="store_true",
                        help="after early stopping, train a new model on train + valid for the epochs it kept and save "
                        "that one (metrics.json adds its test metrics as refit_test)")
+    optimizer = train.add_argument_group("optimizer (beyond --learning-rate)")
+    optimizer.add_argument("--schedule", choices=["constant", "plateau", "cosine"], default="constant",
+                           help="learning rate: constant; x0.3 after 2 epochs without a better main-task validation "
+                           "metric (plateau); or cosine decay to 1%% over --cosine-epochs")
+    optimizer.add_argument("--cosine-epochs", type=int, default=20, help="length of the cosine decay in epochs")
+    optimizer.add_argument("--weight-decay", type=float, default=0.0, help="> 0: AdamW with this decoupled decay")
+    optimizer.add_argument("--ema", type=float, default=0.0,
+                           help="> 0: keep an exponential moving average of the weights with this momentum per step "
+                           "and validate, early-stop on and save the averaged weights (e.g. 0.99)")
     train.add_argument("--no-xla", action="store_true", help="train without jit_compile (TensorFlow backend)")
     train.add_argument("--steps-per-execution", type=int, default=16,
                        help="batches per compiled call; larger amortises per-step overhead")

@@ -37,6 +37,11 @@ class TrainSettings:
     # After early stopping on validation, train a fresh model on train + valid for the epochs it kept and save
     # that one: validation still chooses, then trains too (census: +0.001 test AUC on the main task).
     refit: bool = False
+    # The optimizer beyond the learning rate: mmoe.training.OptimizerSettings (which checks them).
+    schedule: str = "constant"
+    cosine_epochs: int = 20
+    weight_decay: float = 0.0
+    ema: float = 0.0
     jit_compile: bool = True
     # Batches per compiled call: amortises per-step dispatch, which dominates
     # these small models (2.5x faster at batch 1024 on 2 CPU cores).
@@ -51,6 +56,12 @@ class TrainSettings:
             raise ValueError(f"steps per execution must be >= 1, got {self.steps_per_execution}")
         if self.patience < 0:
             raise ValueError(f"patience must be >= 0, got {self.patience}")
+        self.optimizer_settings()
+
+    def optimizer_settings(self):
+        from mmoe.training import OptimizerSettings
+
+        return OptimizerSettings(self.schedule, self.cosine_epochs, self.weight_decay, self.ema)
 
 
 def parse_split(text: str) -> tuple[float, float, float]:
@@ -127,12 +138,15 @@ def train_run(spec, data: Sequence[str], out_dir: str, model_config, settings: T
     import keras
 
     from mmoe import InputFeature, build_model, compile_model
-    from mmoe.training import TaskData, early_stopped_epoch, evaluate, fit
+    from mmoe.training import TaskData, early_stopped_epoch, evaluate, fit, optimizer_and_callbacks
 
     out = Path(out_dir)
     if (out / "metrics.json").exists() and not overwrite:
         raise FileExistsError(f"{out} already holds a run (metrics.json); pass --overwrite or choose another --out")
     tasks = model_tasks(spec, settings.loss_weights)  # bad task names fail before any slow work
+    main = next((t for t in tasks if t.name == (settings.main_task or tasks[0].name)), None)
+    if main is None:
+        raise ValueError(f"main task {settings.main_task!r} is not one of the tasks {[t.name for t in tasks]}")
     out.mkdir(parents=True, exist_ok=True)
     started = time.time()
 
@@ -141,19 +155,23 @@ def train_run(spec, data: Sequence[str], out_dir: str, model_config, settings: T
     names = [f.name for f in features]
     splits = {k: task_data(arrays[k], spec, names, settings.use_weights) for k in ("train", "valid", "test")}
 
-    def new_model():
+    def new_model(rows):
+        """(model, callbacks) compiled with the settings' optimizer; a cosine schedule spans `rows` per epoch."""
         keras.utils.set_random_seed(settings.seed)
-        return compile_model(build_model(model_config, features, tasks), model_config, tasks,
-                             jit_compile=settings.jit_compile, steps_per_execution=settings.steps_per_execution)
+        model = build_model(model_config, features, tasks)
+        optimizer, callbacks = optimizer_and_callbacks(settings.optimizer_settings(), model_config.learning_rate,
+                                                       -(-rows // settings.batch_size), main, len(tasks))
+        return compile_model(model, model_config, tasks, jit_compile=settings.jit_compile,
+                             steps_per_execution=settings.steps_per_execution, optimizer=optimizer), callbacks
 
-    model = new_model()
+    model, callbacks = new_model(len(splits["train"]))
     log(f"training {model_config.arch} ({model.count_params():,} parameters) on {len(splits['train']):,} rows, "
         f"backend {keras.backend.backend()}")
     verbose = 1 if sys.stdout.isatty() else 2
     fit_started = time.time()
     history = fit(model, tasks, splits["train"], splits["valid"], epochs=settings.epochs,
                   batch_size=settings.batch_size, patience=settings.patience, main_task=settings.main_task,
-                  verbose=verbose, seed=settings.seed)
+                  verbose=verbose, seed=settings.seed, callbacks=callbacks)
     train_seconds = time.time() - fit_started
 
     metrics = {
@@ -170,15 +188,16 @@ def train_run(spec, data: Sequence[str], out_dir: str, model_config, settings: T
     for t in tasks:
         metrics["tasks"][t.name] = {"kind": t.kind, "valid": valid_metrics[t.name], "test": test_metrics[t.name]}
     if settings.refit:
-        main = next(t for t in tasks if t.name == (settings.main_task or tasks[0].name))
         epochs = early_stopped_epoch(history.history, main, len(tasks))
         both = TaskData.concat([splits["train"], splits["valid"]])
         log(f"refit: a new model on train + valid ({len(both):,} rows) for {epochs} epochs, the count early "
             f"stopping kept; it is the one saved")
-        model = new_model()
+        model, callbacks = new_model(len(both))
+        # Without validation rows a plateau schedule has nothing to watch: the refit keeps the starting rate.
+        callbacks = [c for c in callbacks if not isinstance(c, keras.callbacks.ReduceLROnPlateau)]
         refit_started = time.time()
         fit(model, tasks, both, None, epochs=epochs, batch_size=settings.batch_size, verbose=verbose,
-            seed=settings.seed)
+            seed=settings.seed, callbacks=callbacks)
         metrics["refit"] = {"epochs": epochs, "rows": len(both),
                             "train_seconds": round(time.time() - refit_started, 1)}
         refit_test = evaluate(model, tasks, splits["test"])

@@ -187,49 +187,6 @@ def test_numeric_inputs_money_modes_touch_only_the_money_columns():
     np.testing.assert_array_equal(zs["valid"].inputs["capital_gains"], out["valid"].inputs["capital_gains"])
 
 
-def test_ema_setting_ends_training_with_the_averaged_weights():
-    import keras
-
-    from benchmarks.census_quality import optimizer_for
-    from mmoe import compile_model
-    from mmoe.models import task_losses, task_metrics
-    from mmoe.training import TaskData, fit
-
-    rng = np.random.default_rng(0)
-
-    def split(n, noise):
-        a = rng.normal(size=n).astype("float32")
-        y = (a + noise * rng.normal(size=n) > 0).astype("float32")
-        return TaskData({"a": a}, {"t": y, "u": y})
-
-    # Two tasks: with one output Keras names the metric val_auc, not the val_t_auc early stopping watches.
-    features, tasks = [InputFeature("a")], [TaskSpec("t"), TaskSpec("u")]
-    # Validation labels are (nearly) noise, so its AUC wanders and early stopping ends training before 12 epochs.
-    train, valid = split(512, 0.3), split(256, 30.0)
-
-    def trained(ema):
-        keras.utils.set_random_seed(0)
-        config = ModelConfig(num_experts=2, expert_units=(4,), tower_units=(4,), learning_rate=0.05)
-        model = compile_model(build_model(config, features, tasks), config, tasks)
-        initial = model.get_weights()
-        optimizer, callbacks = optimizer_for({"batch_size": 64, "ema": ema}, config.learning_rate, tasks[0], 512,
-                                             len(tasks))
-        if optimizer is not None:  # ema 0 with the other defaults: compile_model's Adam stays
-            model.compile(optimizer=optimizer, loss=task_losses(tasks), metrics=task_metrics(tasks))
-        history = fit(model, tasks, train, valid, epochs=12, batch_size=64, patience=2, verbose=0,
-                      callbacks=callbacks)
-        moved = max(float(np.abs(w - w0).max()) for w, w0 in zip(model.get_weights(), initial))
-        return moved, len(history.history["loss"])
-
-    raw_moved, _ = trained(0.0)
-    # An average that barely moves after Keras starts it at the weights after the first step (one Adam step:
-    # at most about the learning rate per weight): the raw weights move far, yet after the early stop (where
-    # Keras's final overwrite would put the raw weights back) the model must end with the averaged ones.
-    ema_moved, epochs = trained(0.99999)
-    assert epochs < 12
-    assert raw_moved > 0.2 and ema_moved < 0.06
-
-
 def test_anchor_money_buckets_are_cached_apart_and_reported_with_the_best_anchor(tmp_path):
     from benchmarks.census_quality import RunCache, best_anchor, gradient_boosting_anchor
     from mmoe.training import TaskData

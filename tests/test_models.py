@@ -5,7 +5,8 @@ import keras
 import numpy as np
 import pytest
 
-from mmoe import ARCHITECTURES, GATES_SUFFIX, ModelConfig, TaskSpec, build_model, compile_model, with_gate_outputs
+from mmoe import (ARCHITECTURES, GATES_SUFFIX, InputFeature, ModelConfig, TaskSpec, build_model, compile_model,
+                  with_gate_outputs)
 from mmoe.layers import ExpertBank
 from mmoe.training import evaluate, fit, predict
 
@@ -253,6 +254,71 @@ def test_early_stopping_watches_a_metric_keras_logs(toy, num_tasks):
     assert monitor_for(tasks[1 % len(tasks)], len(tasks))[1] == ("max" if num_tasks == 1 else "min")
     with pytest.raises(ValueError, match="num_tasks"):
         monitor_for(tasks[0], 0)
+
+
+def test_ema_ends_training_with_the_averaged_weights():
+    import keras
+
+    from mmoe.training import OptimizerSettings, TaskData, fit, optimizer_and_callbacks
+
+    rng = np.random.default_rng(0)
+
+    def split(n, noise):
+        a = rng.normal(size=n).astype("float32")
+        y = (a + noise * rng.normal(size=n) > 0).astype("float32")
+        return TaskData({"a": a}, {"t": y, "u": y})
+
+    # Two tasks: with one output Keras names the metric val_auc, not the val_t_auc early stopping watches.
+    features, tasks = [InputFeature("a")], [TaskSpec("t"), TaskSpec("u")]
+    # Validation labels are (nearly) noise, so its AUC wanders and early stopping ends training before 12 epochs.
+    train, valid = split(512, 0.3), split(256, 30.0)
+
+    def trained(ema):
+        keras.utils.set_random_seed(0)
+        config = ModelConfig(num_experts=2, expert_units=(4,), tower_units=(4,), learning_rate=0.05)
+        optimizer, callbacks = optimizer_and_callbacks(OptimizerSettings(ema=ema), config.learning_rate, 8, tasks[0],
+                                                       len(tasks))
+        model = compile_model(build_model(config, features, tasks), config, tasks, optimizer=optimizer)
+        initial = model.get_weights()
+        history = fit(model, tasks, train, valid, epochs=12, batch_size=64, patience=2, verbose=0,
+                      callbacks=callbacks)
+        moved = max(float(np.abs(w - w0).max()) for w, w0 in zip(model.get_weights(), initial))
+        return moved, len(history.history["loss"])
+
+    raw_moved, _ = trained(0.0)
+    # An average that barely moves after Keras starts it at the weights after the first step (one Adam step:
+    # at most about the learning rate per weight): the raw weights move far, yet after the early stop (where
+    # Keras's final overwrite would put the raw weights back) the model must end with the averaged ones.
+    ema_moved, epochs = trained(0.99999)
+    assert epochs < 12
+    assert raw_moved > 0.2 and ema_moved < 0.06
+
+
+def test_optimizer_settings_give_the_schedule_adamw_and_averaging_they_name():
+    import keras
+
+    from mmoe.training import OptimizerSettings, optimizer_and_callbacks
+
+    task = TaskSpec("t")
+    adam, none = optimizer_and_callbacks(OptimizerSettings(), 0.01, 10, task, 2)
+    assert type(adam) is keras.optimizers.Adam and not adam.use_ema and none == []
+    assert float(adam.learning_rate) == pytest.approx(0.01)
+    # Cosine: decays over cosine_epochs x steps_per_epoch optimizer steps to 1% of the rate, then stays.
+    cosine, _ = optimizer_and_callbacks(OptimizerSettings(schedule="cosine", cosine_epochs=4), 0.01, 10, task, 2)
+    schedule = cosine._learning_rate
+    assert float(schedule(0)) == pytest.approx(0.01) and float(schedule(40)) == pytest.approx(1e-4)
+    assert float(schedule(20)) == pytest.approx(0.01 * (0.01 + 0.99 * 0.5))
+    assert float(schedule(400)) == pytest.approx(1e-4)
+    plateau, callbacks = optimizer_and_callbacks(OptimizerSettings(schedule="plateau"), 0.01, 10, task, 2)
+    assert [type(c).__name__ for c in callbacks] == ["ReduceLROnPlateau"] and callbacks[0].monitor == "val_t_auc"
+    adamw, callbacks = optimizer_and_callbacks(OptimizerSettings(weight_decay=1e-2, ema=0.9), 0.01, 10, task, 2)
+    assert type(adamw) is keras.optimizers.AdamW and adamw.weight_decay == pytest.approx(1e-2)
+    assert adamw.use_ema and adamw.ema_momentum == pytest.approx(0.9)
+    assert [type(c).__name__ for c in callbacks] == ["SwapEMAWeights"]
+    for bad, match in (({"schedule": "step"}, "schedule"), ({"ema": 1.0}, "ema"), ({"weight_decay": -1}, "weight"),
+                       ({"cosine_epochs": 0}, "cosine_epochs")):
+        with pytest.raises(ValueError, match=match):
+            OptimizerSettings(**bad)
 
 
 def test_early_stopped_epoch_is_the_main_tasks_best_validation_epoch():

@@ -70,19 +70,24 @@ def test_refit_saves_a_model_trained_on_train_and_valid_for_the_epochs_early_sto
 
     out = tmp_path / "run"
     rc = main(["train", "--data", str(small_census), "--out", str(out), "--epochs", "4", "--patience", "1",
-               "--num-experts", "2", "--expert-units", "8", "--batch-size", "256", "--seed", "3", "--refit"])
+               "--num-experts", "2", "--expert-units", "8", "--batch-size", "256", "--seed", "3", "--refit",
+               "--schedule", "cosine", "--cosine-epochs", "4", "--ema", "0.9"])
     assert rc == 0
     metrics = json.loads((out / "metrics.json").read_text())
     history = json.loads((out / "history.json").read_text())
     # The refit's epoch count is the early-stopped run's best income (main task) validation epoch.
     assert metrics["refit"]["epochs"] == int(np.argmax(history["val_income_auc"])) + 1
     assert metrics["refit"]["rows"] == 1500 + 500
-    assert json.loads((out / "run_config.json").read_text())["train"]["refit"] is True
+    train_config = json.loads((out / "run_config.json").read_text())["train"]
+    assert train_config["refit"] is True and (train_config["schedule"], train_config["ema"]) == ("cosine", 0.9)
     # The saved model is the refitted one: its test predictions give refit_test, not the early-stopped test AUC.
     arrays = tmp_path / "census.npz"
     assert main(["data", "export", "--data", str(small_census), "--out", str(arrays), "--seed", "3"]) == 0
     _, _, splits, _ = load_arrays(str(arrays))
-    scores = predict(keras.saving.load_model(out / "model.keras"), splits["test"].inputs)
+    model = keras.saving.load_model(out / "model.keras")
+    # The optimizer flags reached the optimizer that trained it.
+    assert model.optimizer.use_ema and type(model.optimizer._learning_rate).__name__ == "CosineDecay"
+    scores = predict(model, splits["test"].inputs)
     saved = {t: roc_auc(splits["test"].labels[t], scores[t]) for t in ("income", "marital")}
     assert saved == {t: pytest.approx(metrics["tasks"][t]["refit_test"]["auc"], abs=1e-6) for t in saved}
     assert saved != {t: pytest.approx(metrics["tasks"][t]["test"]["auc"], abs=1e-6) for t in saved}
@@ -174,6 +179,9 @@ def test_unexpected_label_value_names_column(tmp_path, census_lines, capsys):
     (["--gate-temperature", "0"], "gate_temperature"),
     (["--expert-cross-layers", "-1"], "expert_cross_layers"),
     (["--numeric-bins", "-3"], "numeric_bins"),
+    (["--main-task", "salary"], "salary"),
+    (["--ema", "1.5"], "ema"),
+    (["--cosine-epochs", "0"], "cosine_epochs"),
 ])
 def test_bad_settings_are_clear_errors(small_census, tmp_path, capsys, flags, expected):
     err = _run_error(["train", "--data", str(small_census), "--out", str(tmp_path / "o")] + flags, capsys)

@@ -51,13 +51,24 @@ class TrainConfig:
     use_weights: bool = False
     xla: bool = True
     seed: int = 0
+    # mmoe.training.OptimizerSettings; an epoch is steps_per_epoch steps.
+    schedule: str = "constant"
+    cosine_epochs: int = 20
+    weight_decay: float = 0.0
+    ema: float = 0.0
 
     def __post_init__(self):
+        from pipelines.trainer_module import optimizer_settings
+
         for name in ("train_steps", "batch_size", "steps_per_epoch"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)}")
         if self.eval_steps is not None and int(self.eval_steps) < 1:
             raise ValueError(f"train.eval_steps must be >= 1 or null, got {self.eval_steps}")
+        try:
+            optimizer_settings(dataclasses.asdict(self))
+        except ValueError as err:
+            raise ValueError(f"train.{err}") from None
 
     def module_settings(self) -> Dict[str, Any]:
         """The part the Trainer's run_fn reads (custom_config['train'])."""

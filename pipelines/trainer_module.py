@@ -15,7 +15,8 @@ Everything a function needs arrives through `custom_config` as plain data:
 * `model`: the ModelConfig (`mmoe.ModelConfig.to_dict`): architecture,
   experts, gates, towers, learning rate, mixed precision;
 * `train`: batch size per replica, steps per epoch, early-stopping patience,
-  main task, per-task loss weights, sample weights on/off, XLA on/off, seed;
+  main task, per-task loss weights, sample weights on/off, XLA on/off, seed,
+  the optimizer's schedule, weight decay and weight averaging;
 * `tuner`: the search space and number of trials (Tuner only).
 
 Keras 3 (`import keras`) throughout; tf.Transform and the export use
@@ -42,6 +43,11 @@ TRAIN_DEFAULTS = {
     "xla": True,  # jit_compile the train step and the serving dispatch
     "seed": 0,
     "shuffle_buffer": 10_000,
+    # The optimizer beyond the learning rate (mmoe.training.OptimizerSettings); an "epoch" is steps_per_epoch.
+    "schedule": "constant",
+    "cosine_epochs": 20,
+    "weight_decay": 0.0,
+    "ema": 0.0,
 }
 
 # Training rows the numeric bin edges (ModelConfig.numeric_bins) are taken from: quantiles settle long before.
@@ -77,6 +83,22 @@ def train_settings(custom_config: Mapping[str, Any]) -> Dict[str, Any]:
         raise ValueError(f"unknown train setting(s) {unknown}; known: {sorted(settings)}")
     settings.update(given)
     return settings
+
+
+def optimizer_summary(optimizer) -> Dict[str, Any]:
+    """What training.json records of the optimizer: its class, steps taken and learning rate at the end."""
+    import keras
+
+    return {"class": type(optimizer).__name__, "steps": int(keras.ops.convert_to_numpy(optimizer.iterations)),
+            "final_learning_rate": float(keras.ops.convert_to_numpy(optimizer.learning_rate))}
+
+
+def optimizer_settings(settings: Mapping[str, Any]):
+    """custom_config["train"]'s optimizer part as `mmoe.training.OptimizerSettings`."""
+    from mmoe.training import OptimizerSettings
+
+    return OptimizerSettings(str(settings["schedule"]), int(settings["cosine_epochs"]), float(settings["weight_decay"]),
+                             float(settings["ema"]))
 
 
 def apply_hyperparameters(config, values: Optional[Mapping[str, Any]]):
@@ -245,7 +267,7 @@ def run_fn(fn_args) -> None:
     import tensorflow_transform as tft
 
     from mmoe import build_model, compile_model
-    from mmoe.training import monitor_for
+    from mmoe.training import monitor_for, optimizer_and_callbacks
     from serving.export import export_serving_model
 
     custom_config = fn_args.custom_config or {}
@@ -269,16 +291,21 @@ def run_fn(fn_args) -> None:
                             shuffle_buffer=int(settings["shuffle_buffer"]))
     eval_ds = make_dataset(fn_args.eval_files, tft_output, spec, features, global_batch, training=False,
                            use_weights=settings["use_weights"])
-    with strategy.scope():
-        model = compile_model(build_model(config, features, tasks), config, tasks, jit_compile=bool(settings["xla"]))
-    adapted_rows = adapt_on_training_files(model, training_sample(fn_args, tft_output, spec, features, global_batch))
-
     train_steps = int(fn_args.train_steps or settings["steps_per_epoch"])
     steps_per_epoch = max(1, min(int(settings["steps_per_epoch"]), train_steps))
     epochs = max(1, math.ceil(train_steps / steps_per_epoch))
+    with strategy.scope():
+        optimizer, optimizer_callbacks = optimizer_and_callbacks(optimizer_settings(settings), config.learning_rate,
+                                                                 steps_per_epoch, main, len(tasks))
+        model = compile_model(build_model(config, features, tasks), config, tasks, jit_compile=bool(settings["xla"]),
+                              optimizer=optimizer)
+    adapted_rows = adapt_on_training_files(model, training_sample(fn_args, tft_output, spec, features, global_batch))
+
     monitor, mode = monitor_for(main, len(tasks))
     log_dir = fn_args.model_run_dir
-    callbacks = [keras.callbacks.TensorBoard(log_dir=log_dir, update_freq="epoch"),
+    # The optimizer's callbacks (plateau schedule, weight averaging) come before early stopping, which must record
+    # the weights they leave in the model at the end of an epoch.
+    callbacks = [keras.callbacks.TensorBoard(log_dir=log_dir, update_freq="epoch"), *optimizer_callbacks,
                  keras.callbacks.EarlyStopping(monitor=monitor, mode=mode, patience=int(settings["patience"]),
                                                restore_best_weights=True)]
     logging.info("training %s (%d parameters) on %d replica(s), global batch %d, %d steps (%d epochs of %d)",
@@ -291,6 +318,7 @@ def run_fn(fn_args) -> None:
         json.dump({"model": config.to_dict(), "tasks": [t.to_dict() for t in tasks],
                    "inputs": [f.to_dict() for f in features], "train": settings, "replicas": replicas,
                    "global_batch": global_batch, "train_steps": train_steps, "epochs_run": len(history.epoch),
+                   "optimizer": optimizer_summary(model.optimizer),
                    "numeric_bins": {"rows": adapted_rows, "edges": bin_edges(model)},
                    "history": {k: [float(v) for v in vals] for k, vals in history.history.items()}}, fh, indent=1)
     export_serving_model(model, fn_args.transform_output, spec, fn_args.serving_model_dir,
@@ -322,7 +350,7 @@ def tuner_fn(fn_args):
     from tfx.components.tuner.component import TunerFnResult
 
     from mmoe import build_model, compile_model
-    from mmoe.training import monitor_for
+    from mmoe.training import monitor_for, optimizer_and_callbacks
 
     custom_config = fn_args.custom_config or {}
     spec = dataset_spec(custom_config)
@@ -335,10 +363,16 @@ def tuner_fn(fn_args):
     features = input_features(spec, tft_output)
 
     sample = training_sample(fn_args, tft_output, spec, features, int(settings["batch_size"]))
+    steps = int(cfg["steps_per_trial"] or fn_args.train_steps or settings["steps_per_epoch"])
+    steps_per_epoch = max(1, min(int(settings["steps_per_epoch"]), steps))
 
     def build(hparams):
+        # Each trial trains the way the Trainer will (schedule, weight decay, averaging) at its learning rate.
         config = apply_hyperparameters(base, hparams.values)
-        model = compile_model(build_model(config, features, tasks), config, tasks, jit_compile=bool(settings["xla"]))
+        optimizer, _ = optimizer_and_callbacks(optimizer_settings(settings), config.learning_rate, steps_per_epoch,
+                                               main, len(tasks))
+        model = compile_model(build_model(config, features, tasks), config, tasks, jit_compile=bool(settings["xla"]),
+                              optimizer=optimizer)
         adapt_on_training_files(model, sample)
         return model
 
@@ -352,9 +386,9 @@ def tuner_fn(fn_args):
                             use_weights=settings["use_weights"], seed=int(settings["seed"]))
     eval_ds = make_dataset(fn_args.eval_files, tft_output, spec, features, batch, training=False,
                            use_weights=settings["use_weights"])
-    steps = int(cfg["steps_per_trial"] or fn_args.train_steps or settings["steps_per_epoch"])
-    steps_per_epoch = max(1, min(int(settings["steps_per_epoch"]), steps))
+    _, callbacks = optimizer_and_callbacks(optimizer_settings(settings), base.learning_rate, steps_per_epoch, main,
+                                           len(tasks))
     return TunerFnResult(tuner=tuner, fit_kwargs={
         "x": train_ds, "validation_data": eval_ds, "steps_per_epoch": steps_per_epoch,
         "epochs": max(1, math.ceil(steps / steps_per_epoch)), "validation_steps": fn_args.eval_steps or None,
-        "verbose": 2})
+        "callbacks": callbacks, "verbose": 2})

@@ -60,6 +60,9 @@ def test_config_defaults_and_errors(tmp_path):
         make_config({"train": {"loss_weights": {"nope": 1.0}}})
     with pytest.raises(ValueError, match="slices"):
         make_config({"evaluation": {"slices": ["education"]}})  # not a column task group 1 uses
+    with pytest.raises(ValueError, match="train.schedule must be one of"):
+        make_config({"train": {"schedule": "step"}})
+    assert make_config({"train": {"ema": 0.99}}).module_config()["train"]["ema"] == 0.99
     # A bare dataset spec file is the dataset section.
     path = tmp_path / "spec.json"
     path.write_text(json.dumps(dataset_spec_to_dict(census_spec(2))))
@@ -314,6 +317,8 @@ def _good_config_data():
     data["evaluation"]["auc_floors"] = {"income": 0.0}
     # Piecewise-linear numeric encodings: the Trainer (and each Tuner trial) adapts their edges on the train split.
     data["model"]["numeric_bins"] = 4
+    # A cosine schedule over the run's 2 epochs of 15 steps: the optimizer settings reach the Trainer (and Tuner).
+    data["train"].update(schedule="cosine", cosine_epochs=2)
     # The model's own values (4 experts, 16 units, temperature 1) are outside the search space, so the
     # trained model can only match the Tuner's choice if that choice reached the Trainer.
     data["tuner"] = {"enabled": True, "max_trials": 2, "steps_per_trial": 5, "num_experts": [2, 3],
@@ -482,6 +487,10 @@ def test_tuner_best_hyperparameters_reach_the_trainer(good_run):
     assert list(trained["expert_units"]) == [best["expert_units"]]
     assert trained["gate_temperature"] == pytest.approx(best["gate_temperature"])
     assert trained["learning_rate"] == pytest.approx(best["learning_rate"])
+    # The cosine schedule (train.schedule) ran its 30 steps down to 1% of the tuned rate.
+    with open(os.path.join(s.output_uri(pl.TRAINER, "model_run"), "training.json")) as fh:
+        optimizer = json.load(fh)["optimizer"]
+    assert optimizer["steps"] == 30 and optimizer["final_learning_rate"] == pytest.approx(0.01 * best["learning_rate"])
 
 
 @pytest.mark.slow

@@ -343,14 +343,6 @@ def numeric_inputs(features, splits, mode, n_buckets, money="plain"):
                  for k, d in splits.items()}
 
 
-def optimizer_settings(settings):
-    """The settings' schedule, weight decay and EMA as `mmoe.training.OptimizerSettings`."""
-    from mmoe.training import OptimizerSettings
-
-    return OptimizerSettings(**{k: train_setting(settings, k) for k in ("schedule", "cosine_epochs", "weight_decay",
-                                                                          "ema")})
-
-
 def _setup(arch, settings, features, tasks, splits):
     """(config, tasks, features, splits) of one run: the main task's loss weight applied, and the numeric inputs as
     the settings say (bucket ids and money scaling derived from `splits["train"]`)."""
@@ -365,17 +357,19 @@ def _setup(arch, settings, features, tasks, splits):
     return config, tasks, features, splits
 
 
-def _compiled_model(config, settings, features, tasks, n_train, seed):
-    """(model, callbacks): the model built and compiled with the settings' optimizer (schedule, weight decay, EMA)."""
+def _compiled_model(config, settings, features, tasks, n_train, seed, validated=True):
+    """(model, callbacks): the model built and compiled with the settings' optimizer (schedule, weight decay, EMA);
+    `validated=False` for a refit, which trains without validation rows."""
     import keras
 
     from mmoe import build_model, compile_model
-    from mmoe.training import optimizer_and_callbacks
+    from mmoe.training import OptimizerSettings, optimizer_and_callbacks
 
     keras.utils.set_random_seed(seed)
     model = build_model(config, features, tasks)
-    optimizer, callbacks = optimizer_and_callbacks(optimizer_settings(settings), config.learning_rate,
-                                                   -(-n_train // settings["batch_size"]), tasks[0], len(tasks))
+    optimizer, callbacks = optimizer_and_callbacks(OptimizerSettings.from_settings(settings), config.learning_rate,
+                                                   -(-n_train // settings["batch_size"]), tasks[0], len(tasks),
+                                                   validated)
     return compile_model(model, config, tasks, steps_per_execution=16, optimizer=optimizer), callbacks
 
 
@@ -437,7 +431,7 @@ def refit_once(arch, settings, features, tasks, splits, seed, epochs, test_score
 
     config, tasks, features, merged = _setup(arch, settings, features, tasks, refit_splits(splits))
     train = merged["train"] if settings.get("use_weights") else TaskData(merged["train"].inputs, merged["train"].labels)
-    model, callbacks = _compiled_model(config, settings, features, tasks, len(train), seed)
+    model, callbacks = _compiled_model(config, settings, features, tasks, len(train), seed, validated=False)
     started = time.time()
     fit(model, tasks, train, None, epochs=epochs, batch_size=settings["batch_size"], verbose=0, seed=seed,
         callbacks=callbacks)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Mapping, Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 import keras
 import numpy as np
@@ -70,6 +70,15 @@ def monitor_for(task: TaskSpec, num_tasks: int) -> tuple[str, str]:
     return (prefix + "auc", "max") if task.kind == "binary" else (prefix + "rmse", "min")
 
 
+def main_task_spec(tasks: Sequence[TaskSpec], name: Optional[str] = None) -> TaskSpec:
+    """The task named `name` (the main task: early stopping and schedules watch it); the first task without one."""
+    tasks = list(tasks)
+    main = next((t for t in tasks if t.name == name), None) if name else tasks[0]
+    if main is None:
+        raise ValueError(f"main task {name!r} is not one of {[t.name for t in tasks]}")
+    return main
+
+
 def early_stopped_epoch(history: Mapping[str, Sequence[float]], task: TaskSpec, num_tasks: int) -> int:
     """The epoch (from 1) whose weights `fit`'s early stopping kept: the best validation metric of `task`, the
     main task, in a Keras `History.history`. Retraining on more rows for this many epochs is a refit."""
@@ -111,18 +120,28 @@ class OptimizerSettings:
         if not 0 <= self.ema < 1:
             raise ValueError(f"ema must be in [0, 1), got {self.ema}")
 
+    @classmethod
+    def from_settings(cls, settings: Mapping[str, Any]) -> "OptimizerSettings":
+        """The optimizer's fields out of a wider settings mapping (a config's `train` section, a CLI's settings):
+        other keys are ignored, missing ones take the defaults, and values are cast to the defaults' types (a YAML
+        `1e-2` is a string)."""
+        return cls(**{f.name: type(f.default)(settings[f.name]) for f in dataclasses.fields(cls)
+                      if f.name in settings})
+
 
 def optimizer_and_callbacks(settings: OptimizerSettings, learning_rate: float, steps_per_epoch: int,
-                            main_task: TaskSpec, num_tasks: int) -> tuple[keras.optimizers.Optimizer, list]:
+                            main_task: TaskSpec, num_tasks: int,
+                            validated: bool = True) -> tuple[keras.optimizers.Optimizer, list]:
     """(optimizer, callbacks to pass to `fit`) for `settings`: Adam or AdamW, the learning-rate schedule (cosine
     counts `steps_per_epoch` optimizer steps per epoch) and weight averaging. The defaults give plain Adam and no
-    callbacks, which is what `compile_model` uses."""
+    callbacks, which is what `compile_model` uses. `validated=False` is for training without validation data (a
+    refit): a plateau schedule then has nothing to watch, so the rate stays at `learning_rate`."""
     callbacks = []
     lr = learning_rate
     if settings.schedule == "cosine":
         lr = keras.optimizers.schedules.CosineDecay(learning_rate, steps_per_epoch * settings.cosine_epochs,
                                                     alpha=0.01)
-    elif settings.schedule == "plateau":
+    elif settings.schedule == "plateau" and validated:
         monitor, mode = monitor_for(main_task, num_tasks)
         callbacks.append(keras.callbacks.ReduceLROnPlateau(monitor=monitor, mode=mode, factor=0.3, patience=2,
                                                            min_lr=1e-5))
@@ -178,9 +197,7 @@ def fit(model: keras.Model, tasks: Sequence[TaskSpec], train: TaskData, valid: O
         The Keras `History`.
     """
     tasks = list(tasks)
-    main = next((t for t in tasks if t.name == main_task), None) if main_task else tasks[0]
-    if main is None:
-        raise ValueError(f"main task {main_task!r} is not one of {[t.name for t in tasks]}")
+    main = main_task_spec(tasks, main_task)
     callbacks = list(callbacks)
     validation_data = None
     if valid is not None:

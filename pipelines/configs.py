@@ -58,7 +58,7 @@ class TrainConfig:
     ema: float = 0.0
 
     def __post_init__(self):
-        from pipelines.trainer_module import optimizer_settings
+        from mmoe.training import OptimizerSettings
 
         for name in ("train_steps", "batch_size", "steps_per_epoch"):
             if int(getattr(self, name)) < 1:
@@ -66,7 +66,7 @@ class TrainConfig:
         if self.eval_steps is not None and int(self.eval_steps) < 1:
             raise ValueError(f"train.eval_steps must be >= 1 or null, got {self.eval_steps}")
         try:
-            optimizer_settings(dataclasses.asdict(self))
+            OptimizerSettings.from_settings(dataclasses.asdict(self))
         except ValueError as err:
             raise ValueError(f"train.{err}") from None
 

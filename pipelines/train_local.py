@@ -61,7 +61,7 @@ class TrainSettings:
     def optimizer_settings(self):
         from mmoe.training import OptimizerSettings
 
-        return OptimizerSettings(self.schedule, self.cosine_epochs, self.weight_decay, self.ema)
+        return OptimizerSettings.from_settings(dataclasses.asdict(self))
 
 
 def parse_split(text: str) -> tuple[float, float, float]:
@@ -138,15 +138,13 @@ def train_run(spec, data: Sequence[str], out_dir: str, model_config, settings: T
     import keras
 
     from mmoe import InputFeature, build_model, compile_model
-    from mmoe.training import TaskData, early_stopped_epoch, evaluate, fit, optimizer_and_callbacks
+    from mmoe.training import TaskData, early_stopped_epoch, evaluate, fit, main_task_spec, optimizer_and_callbacks
 
     out = Path(out_dir)
     if (out / "metrics.json").exists() and not overwrite:
         raise FileExistsError(f"{out} already holds a run (metrics.json); pass --overwrite or choose another --out")
     tasks = model_tasks(spec, settings.loss_weights)  # bad task names fail before any slow work
-    main = next((t for t in tasks if t.name == (settings.main_task or tasks[0].name)), None)
-    if main is None:
-        raise ValueError(f"main task {settings.main_task!r} is not one of the tasks {[t.name for t in tasks]}")
+    main = main_task_spec(tasks, settings.main_task)
     out.mkdir(parents=True, exist_ok=True)
     started = time.time()
 
@@ -155,12 +153,12 @@ def train_run(spec, data: Sequence[str], out_dir: str, model_config, settings: T
     names = [f.name for f in features]
     splits = {k: task_data(arrays[k], spec, names, settings.use_weights) for k in ("train", "valid", "test")}
 
-    def new_model(rows):
+    def new_model(rows, validated=True):
         """(model, callbacks) compiled with the settings' optimizer; a cosine schedule spans `rows` per epoch."""
         keras.utils.set_random_seed(settings.seed)
         model = build_model(model_config, features, tasks)
         optimizer, callbacks = optimizer_and_callbacks(settings.optimizer_settings(), model_config.learning_rate,
-                                                       -(-rows // settings.batch_size), main, len(tasks))
+                                                       -(-rows // settings.batch_size), main, len(tasks), validated)
         return compile_model(model, model_config, tasks, jit_compile=settings.jit_compile,
                              steps_per_execution=settings.steps_per_execution, optimizer=optimizer), callbacks
 
@@ -192,9 +190,7 @@ def train_run(spec, data: Sequence[str], out_dir: str, model_config, settings: T
         both = TaskData.concat([splits["train"], splits["valid"]])
         log(f"refit: a new model on train + valid ({len(both):,} rows) for {epochs} epochs, the count early "
             f"stopping kept; it is the one saved")
-        model, callbacks = new_model(len(both))
-        # Without validation rows a plateau schedule has nothing to watch: the refit keeps the starting rate.
-        callbacks = [c for c in callbacks if not isinstance(c, keras.callbacks.ReduceLROnPlateau)]
+        model, callbacks = new_model(len(both), validated=False)
         refit_started = time.time()
         fit(model, tasks, both, None, epochs=epochs, batch_size=settings.batch_size, verbose=verbose,
             seed=settings.seed, callbacks=callbacks)

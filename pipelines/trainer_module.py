@@ -93,14 +93,6 @@ def optimizer_summary(optimizer) -> Dict[str, Any]:
             "final_learning_rate": float(keras.ops.convert_to_numpy(optimizer.learning_rate))}
 
 
-def optimizer_settings(settings: Mapping[str, Any]):
-    """custom_config["train"]'s optimizer part as `mmoe.training.OptimizerSettings`."""
-    from mmoe.training import OptimizerSettings
-
-    return OptimizerSettings(str(settings["schedule"]), int(settings["cosine_epochs"]), float(settings["weight_decay"]),
-                             float(settings["ema"]))
-
-
 def apply_hyperparameters(config, values: Optional[Mapping[str, Any]]):
     """ModelConfig with the tunable fields replaced by `values` (Tuner output)."""
     if not values:
@@ -267,7 +259,7 @@ def run_fn(fn_args) -> None:
     import tensorflow_transform as tft
 
     from mmoe import build_model, compile_model
-    from mmoe.training import monitor_for, optimizer_and_callbacks
+    from mmoe.training import OptimizerSettings, main_task_spec, monitor_for, optimizer_and_callbacks
     from serving.export import export_serving_model
 
     custom_config = fn_args.custom_config or {}
@@ -275,9 +267,7 @@ def run_fn(fn_args) -> None:
     settings = train_settings(custom_config)
     config = model_config(custom_config, getattr(fn_args, "hyperparameters", None))
     tasks = model_tasks(spec, settings["loss_weights"])
-    main = next((t for t in tasks if t.name == settings["main_task"]), None) if settings["main_task"] else tasks[0]
-    if main is None:
-        raise ValueError(f"main task {settings['main_task']!r} is not one of {spec.task_names}")
+    main = main_task_spec(tasks, settings["main_task"])
 
     tft_output = tft.TFTransformOutput(fn_args.transform_output)
     features = input_features(spec, tft_output)
@@ -295,8 +285,9 @@ def run_fn(fn_args) -> None:
     steps_per_epoch = max(1, min(int(settings["steps_per_epoch"]), train_steps))
     epochs = max(1, math.ceil(train_steps / steps_per_epoch))
     with strategy.scope():
-        optimizer, optimizer_callbacks = optimizer_and_callbacks(optimizer_settings(settings), config.learning_rate,
-                                                                 steps_per_epoch, main, len(tasks))
+        optimizer, optimizer_callbacks = optimizer_and_callbacks(OptimizerSettings.from_settings(settings),
+                                                                 config.learning_rate, steps_per_epoch, main,
+                                                                 len(tasks))
         model = compile_model(build_model(config, features, tasks), config, tasks, jit_compile=bool(settings["xla"]),
                               optimizer=optimizer)
     adapted_rows = adapt_on_training_files(model, training_sample(fn_args, tft_output, spec, features, global_batch))
@@ -350,7 +341,7 @@ def tuner_fn(fn_args):
     from tfx.components.tuner.component import TunerFnResult
 
     from mmoe import build_model, compile_model
-    from mmoe.training import monitor_for, optimizer_and_callbacks
+    from mmoe.training import OptimizerSettings, monitor_for, optimizer_and_callbacks
 
     custom_config = fn_args.custom_config or {}
     spec = dataset_spec(custom_config)
@@ -365,12 +356,13 @@ def tuner_fn(fn_args):
     sample = training_sample(fn_args, tft_output, spec, features, int(settings["batch_size"]))
     steps = int(cfg["steps_per_trial"] or fn_args.train_steps or settings["steps_per_epoch"])
     steps_per_epoch = max(1, min(int(settings["steps_per_epoch"]), steps))
+    optimizer_settings = OptimizerSettings.from_settings(settings)
 
     def build(hparams):
         # Each trial trains the way the Trainer will (schedule, weight decay, averaging) at its learning rate.
         config = apply_hyperparameters(base, hparams.values)
-        optimizer, _ = optimizer_and_callbacks(optimizer_settings(settings), config.learning_rate, steps_per_epoch,
-                                               main, len(tasks))
+        optimizer, _ = optimizer_and_callbacks(optimizer_settings, config.learning_rate, steps_per_epoch, main,
+                                               len(tasks))
         model = compile_model(build_model(config, features, tasks), config, tasks, jit_compile=bool(settings["xla"]),
                               optimizer=optimizer)
         adapt_on_training_files(model, sample)
@@ -386,8 +378,7 @@ def tuner_fn(fn_args):
                             use_weights=settings["use_weights"], seed=int(settings["seed"]))
     eval_ds = make_dataset(fn_args.eval_files, tft_output, spec, features, batch, training=False,
                            use_weights=settings["use_weights"])
-    _, callbacks = optimizer_and_callbacks(optimizer_settings(settings), base.learning_rate, steps_per_epoch, main,
-                                           len(tasks))
+    _, callbacks = optimizer_and_callbacks(optimizer_settings, base.learning_rate, steps_per_epoch, main, len(tasks))
     return TunerFnResult(tuner=tuner, fit_kwargs={
         "x": train_ds, "validation_data": eval_ds, "steps_per_epoch": steps_per_epoch,
         "epochs": max(1, math.ceil(steps / steps_per_epoch)), "validation_steps": fn_args.eval_steps or None,

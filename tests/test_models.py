@@ -311,14 +311,31 @@ def test_optimizer_settings_give_the_schedule_adamw_and_averaging_they_name():
     assert float(schedule(400)) == pytest.approx(1e-4)
     plateau, callbacks = optimizer_and_callbacks(OptimizerSettings(schedule="plateau"), 0.01, 10, task, 2)
     assert [type(c).__name__ for c in callbacks] == ["ReduceLROnPlateau"] and callbacks[0].monitor == "val_t_auc"
+    # Without validation data (a refit) there is nothing for the plateau to watch: no callback.
+    assert optimizer_and_callbacks(OptimizerSettings(schedule="plateau"), 0.01, 10, task, 2, validated=False)[1] == []
     adamw, callbacks = optimizer_and_callbacks(OptimizerSettings(weight_decay=1e-2, ema=0.9), 0.01, 10, task, 2)
     assert type(adamw) is keras.optimizers.AdamW and adamw.weight_decay == pytest.approx(1e-2)
     assert adamw.use_ema and adamw.ema_momentum == pytest.approx(0.9)
     assert [type(c).__name__ for c in callbacks] == ["SwapEMAWeights"]
+    # From a wider settings mapping: other keys ignored, missing ones at their defaults, values cast (YAML reads
+    # 1e-2 as a string).
+    assert OptimizerSettings.from_settings({"schedule": "cosine", "weight_decay": "1e-2", "ema": 0, "batch_size": 64}) \
+        == OptimizerSettings(schedule="cosine", weight_decay=0.01)
+    with pytest.raises(ValueError, match="cosine_epochs"):
+        OptimizerSettings.from_settings({"cosine_epochs": 0})
     for bad, match in (({"schedule": "step"}, "schedule"), ({"ema": 1.0}, "ema"), ({"weight_decay": -1}, "weight"),
                        ({"cosine_epochs": 0}, "cosine_epochs")):
         with pytest.raises(ValueError, match=match):
             OptimizerSettings(**bad)
+
+
+def test_main_task_spec_is_the_named_task_or_the_first():
+    from mmoe.training import main_task_spec
+
+    tasks = [TaskSpec("a"), TaskSpec("b", "regression")]
+    assert main_task_spec(tasks) is tasks[0] and main_task_spec(tasks, "b") is tasks[1]
+    with pytest.raises(ValueError, match=r"main task 'c' is not one of \['a', 'b'\]"):
+        main_task_spec(tasks, "c")
 
 
 def test_early_stopped_epoch_is_the_main_tasks_best_validation_epoch():

@@ -39,8 +39,10 @@ HGB_AXES). --anchor-numeric gives it the networks' numeric inputs (bucket ids be
 tasks) so repeated runs skip tf.Transform; `--data` runs the transform instead. Every training
 run is cached in benchmarks/results/census_runs.json under its full description (data, group,
 architecture, settings, seed, epochs), so an interrupted command resumes where it stopped;
---fresh ignores the cache. Writes benchmarks/results/census_quality.json and prints the search
-tables and a markdown table of test AUC.
+--fresh ignores the cache. Writes benchmarks/results/census_quality.json and its figure beside it (.png:
+every seed's test AUC against the anchor and the targets), and prints the search tables and a markdown
+table of test AUC. `--plot REPORT...` draws finished reports (e.g. both groups') into one figure without
+training anything.
 """
 from __future__ import annotations
 
@@ -67,6 +69,8 @@ PAPER = {
     2: {"single_task": (0.8843, 0.9922), "mmoe": (0.8860, 0.9924)},
 }
 GROUP_TASKS = {("income", "marital"): 1, ("education", "marital"): 2}
+# Issue 6's targets for MMoE under protocol (b), mean test AUC over the seeds: drawn as lines by `plot`.
+TARGETS = {1: {"income": 0.950, "marital": 0.994}, 2: {"education": 0.89}}
 
 # Starting point of every search, and the settings used without --search. Keys are ModelConfig
 # fields plus the training settings batch_size and use_weights (census instance weight as sample weight).
@@ -688,6 +692,9 @@ def main(argv=None):
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--data", nargs="+", help="census file(s): one file = protocol (b), two = protocol (a)")
     source.add_argument("--arrays", nargs="+", help="`mmoe data export` files, one per task group")
+    source.add_argument("--plot", nargs="+", metavar="REPORT",
+                        help="train nothing: draw one figure of the groups in these finished reports (JSON files "
+                        "this script wrote) to --out's .png")
     parser.add_argument("--groups", type=int, nargs="+", default=[1, 2], choices=[1, 2],
                         help="task groups (with --data; --arrays files name their own group)")
     parser.add_argument("--archs", nargs="+", default=["single_task", "shared_bottom", "omoe", "mmoe", "ple"])
@@ -727,7 +734,8 @@ def main(argv=None):
                         "second table: validation still chooses everything, then trains too")
     parser.add_argument("--fresh", action="store_true", help="ignore cached runs")
     parser.add_argument("--cache", default=str(RESULTS / "census_runs.json"))
-    parser.add_argument("--out", default=str(RESULTS / "census_quality.json"))
+    parser.add_argument("--out", default=str(RESULTS / "census_quality.json"),
+                        help="the report (JSON); its figure goes beside it with .png (with --plot: the figure only)")
     args = parser.parse_args(argv)
     if args.select_seeds < 1:
         parser.error(f"--select-seeds must be >= 1, got {args.select_seeds}")
@@ -736,6 +744,15 @@ def main(argv=None):
 
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    png = Path(args.out).with_suffix(".png")
+    if args.plot:
+        try:
+            reports = [json.loads(Path(path).read_text()) for path in args.plot]
+            plot(merge_reports(reports), png)
+        except (OSError, ValueError, KeyError) as err:
+            parser.error(f"--plot: {err}")
+        print(f"wrote {png}")
+        return 0
     cache = RunCache(args.cache, fresh=args.fresh)
     report = {"protocol": None, "groups": {}, "command": " ".join(sys.argv), "select_seeds": args.select_seeds}
     with tempfile.TemporaryDirectory() as workdir:
@@ -751,7 +768,9 @@ def main(argv=None):
             report["groups"][str(group)] = GroupBench(args, group, features, tasks, splits, protocol, cache,
                                                       log).report()
     Path(args.out).write_text(json.dumps(report, indent=1))
+    plot(report, png)
     print(markdown(report))
+    log(f"wrote {args.out} and {png}")
     return 0
 
 
@@ -1007,6 +1026,94 @@ def markdown(report) -> str:
                           f" | {row['valid_auc']:.4f} |" for row in rows]
                 lines.append("")
     return "\n".join(lines)
+
+
+def merge_reports(reports):
+    """One report holding the groups of several (e.g. the group 1 and group 2 runs), which must share a protocol."""
+    merged = {"protocol": reports[0]["protocol"], "groups": {}}
+    for report in reports:
+        if report["protocol"] != merged["protocol"]:
+            raise ValueError(f"the reports' protocols differ: {merged['protocol']} and {report['protocol']}")
+        for group in report["groups"]:
+            if group in merged["groups"]:
+                raise ValueError(f"task group {group} is in more than one report")
+        merged["groups"].update(report["groups"])
+    return merged
+
+
+def plot(report, path):
+    """Test AUC of every run: one panel per (task group, task), a column per model, each seed a dot (early-stopped
+    and, where the report has them, refitted), its mean a bar; the anchor's AUCs as lines across the panel and
+    issue 6's targets as dashed lines, so every model reads against both. Returns the figure (saved to `path`)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = sorted(report["groups"].items(), key=lambda item: int(item[0]))
+    width = max(len(g["tasks"]) for _, g in groups)
+    fig, axes = plt.subplots(len(groups), width, figsize=(5.2 * width, 3.8 * len(groups)), squeeze=False)
+    colors = {"test": "tab:blue", "refit": "tab:orange"}
+    offsets = {"test": -0.12, "refit": 0.12}
+    for row, (group, g) in zip(axes, groups):
+        archs = list(g["archs"])
+        hgb = g.get("hist_gradient_boosting")
+        columns = (["HGB"] if hgb else []) + archs
+        for ax, task in zip(row, g["tasks"]):
+            values = []
+            for x, arch in enumerate(columns):
+                if arch == "HGB":
+                    runs = {"test": [r["test"] for r in dict(_hgb_runs(hgb))[task]]}
+                    if "refit" in hgb:
+                        runs["refit"] = [hgb["refit"]["test"][task]["mean"]]
+                else:
+                    a = g["archs"][arch]
+                    runs = {"test": [r["test"][task]["auc"] for r in a["runs"]]}
+                    if "refit" in a:
+                        runs["refit"] = [r["test"][task]["auc"] for r in a["refit"]["runs"]]
+                for kind, aucs in runs.items():
+                    shift = offsets[kind] if len(runs) > 1 else 0.0
+                    ax.scatter(np.full(len(aucs), x + shift), aucs, s=14, color=colors[kind], zorder=3)
+                    ax.hlines(np.mean(aucs), x + shift - 0.1, x + shift + 0.1, color=colors[kind], linewidth=2)
+                    values += aucs
+            if hgb:
+                for kind, auc in [("test", hgb["test"][task]["mean"])] + (
+                        [("refit", hgb["refit"]["test"][task]["mean"])] if "refit" in hgb else []):
+                    ax.axhline(auc, color=colors[kind], linestyle=":", linewidth=1, alpha=0.8)
+            low, high = min(values), max(values)
+            pad = 0.1 * (high - low) or 1e-4  # every AUC equal (one run): a small window around it
+            low, high = low - pad, high + pad
+            ax.set_ylim(low, high)
+            target = TARGETS.get(int(group), {}).get(task) if "split" in report["protocol"] else None
+            if target is not None and low <= target <= high:
+                ax.axhline(target, color="tab:red", linestyle="--", linewidth=1)
+            elif target is not None:  # drawn to scale it would flatten the seeds into one line
+                ax.text(0.01, 0.02 if target < low else 0.93, f"target {target:g}: {'below' if target < low else 'above'}"
+                        " this panel", transform=ax.transAxes, fontsize=7, color="tab:red")
+            ax.set_xticks(range(len(columns)), [c.replace("_", "\n") for c in columns], fontsize=8)
+            ax.set_title(f"group {group}: {task}", fontsize=10)
+            ax.grid(axis="y", alpha=0.3)
+            ax.set_ylabel("test AUC")
+        for ax in row[len(g["tasks"]):]:
+            ax.set_visible(False)
+    from matplotlib.lines import Line2D
+    handles = [Line2D([], [], marker="o", linestyle="", color=colors["test"], label="early-stopped (one dot a seed)"),
+               Line2D([], [], marker="o", linestyle="", color=colors["refit"], label="refit on train + valid"),
+               Line2D([], [], linestyle=":", color="gray", label="HistGradientBoosting (same colours)"),
+               Line2D([], [], linestyle="--", color="tab:red", label="target (issue 6, MMoE's mean)")]
+    fig.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=8, frameon=False)
+    p = report["protocol"]
+    fig.suptitle(f"Census-income, {p['name']}" + (f" {p['split']}" if "split" in p else "") +
+                 ": test AUC per seed, bars at the means", fontsize=10)
+    fig.tight_layout(rect=(0, 0.04, 1, 1))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return fig
+
+
+def _hgb_runs(hgb):
+    """The anchor's runs by task: its report keeps them as a list of one-task mappings."""
+    for entry in hgb["runs"]:
+        yield from entry.items()
 
 
 if __name__ == "__main__":

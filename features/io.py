@@ -36,6 +36,7 @@ PathLike = Union[str, os.PathLike]
 _GZIP_MAGIC = b"\x1f\x8b"
 # How many bad values to quote in one error message.
 _MAX_EXAMPLES = 3
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
 class DataError(ValueError):
@@ -56,7 +57,7 @@ def _read_text(path: str) -> str:
     except (OSError, EOFError) as e:  # truncated or corrupt gzip
         raise DataError(f"{path}: cannot read file: {e}") from None
     try:
-        return raw.decode("utf-8")
+        return raw.decode("utf-8-sig")  # -sig: drops the byte-order mark spreadsheet programs write first
     except UnicodeDecodeError:
         # Older public data sets are often Latin-1; every byte string decodes.
         return raw.decode("latin-1")
@@ -64,7 +65,10 @@ def _read_text(path: str) -> str:
 
 def _split_fields(line: str, delimiter: str) -> List[str]:
     if '"' in line:
-        return next(csv.reader([line], delimiter=delimiter, skipinitialspace=True))
+        try:
+            return next(csv.reader([line], delimiter=delimiter, skipinitialspace=True))
+        except csv.Error as e:  # e.g. a NUL byte: a binary file given as data
+            raise DataError(f"cannot parse a line as CSV ({e}): {line[:80]!r}") from None
     return line.split(delimiter)
 
 
@@ -84,6 +88,8 @@ def _quote_examples(values: Sequence[Tuple[int, str]]) -> str:
 def _read_one(path: str, spec: DatasetSpec) -> pd.DataFrame:
     """Read one file into a frame of stripped strings indexed by 1-based line number."""
     text = _read_text(path)
+    if "\x00" in text:
+        raise DataError(f"{path}: holds NUL bytes, so it is a binary file, not delimited text")
     lines = text.split("\n")
     if lines and lines[-1] == "":
         lines.pop()  # the final newline does not start a line
@@ -157,6 +163,12 @@ def _to_float(path: str, frame: pd.DataFrame, column: str, spec: DatasetSpec, al
     if bad.any():
         examples = list(zip(raw.index[bad], raw[bad]))
         raise DataError(f"{path}: column {column!r} ({what}) has non-numeric value(s): {_quote_examples(examples)}")
+    # The transform and the model compute in float32: a larger value would become inf there and every prediction NaN.
+    huge = np.abs(values.to_numpy(dtype=float, na_value=0.0)) > _FLOAT32_MAX
+    if huge.any():
+        examples = list(zip(raw.index[huge], raw[huge]))
+        raise DataError(f"{path}: column {column!r} ({what}) has value(s) beyond float32's range (±{_FLOAT32_MAX:.3g}): "
+                        f"{_quote_examples(examples)}")
     if not allow_missing and is_na.any():
         examples = list(zip(raw.index[is_na], raw[is_na]))
         raise DataError(f"{path}: column {column!r} ({what}) has missing value(s): {_quote_examples(examples)}")

@@ -289,6 +289,9 @@ class DatasetSpec:
             if isinstance(value, (str, bytes)) or not isinstance(value, Iterable):
                 raise ValueError(f"dataset {self.name!r}: {field} must be a list, got {value!r}")
             object.__setattr__(self, field, tuple(value))
+        for field in ("header", "strip_trailing_period"):  # a YAML "no" in quotes would otherwise read as true
+            if not isinstance(getattr(self, field), bool):
+                raise ValueError(f"dataset {self.name!r}: {field} must be true or false, got {getattr(self, field)!r}")
         self._validate()
 
     def _validate(self) -> None:

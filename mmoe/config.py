@@ -6,6 +6,9 @@ Plain dataclasses with `to_dict`/`from_dict` so a config can travel through JSON
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
+import typing
 from typing import Any, Mapping, Optional
 
 ARCHITECTURES = ("mmoe", "omoe", "shared_bottom", "single_task", "cgc", "ple")
@@ -16,14 +19,61 @@ FEATURE_KINDS = ("numeric", "categorical")
 
 
 def dataclass_from_mapping(cls, data: Mapping[str, Any], what: str):
-    """`cls(**data)`, with errors that name `what` and any unknown keys (config files are hand-written)."""
+    """`cls(**data)`, with errors that name `what` and any unknown keys (config files are hand-written), and each
+    value held to its field's type (`typed_value`): a YAML `"false"` is not a true bool, `"64"` not the widths 6, 4."""
     if not isinstance(data, Mapping):
         raise ValueError(f"{what} must be a mapping, got {type(data).__name__}")
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - names)
     if unknown:
         raise ValueError(f"unknown {what} key(s) {unknown}; known keys: {sorted(names)}")
-    return cls(**data)
+    hints = typing.get_type_hints(cls)
+    return cls(**{k: typed_value(v, hints[k], f"{what} {k}") for k, v in data.items()})
+
+
+def typed_value(value: Any, hint: Any, where: str) -> Any:
+    """`value` as the type `hint` names (bool, int, float, str, tuples and lists of them, Dict[str, X], Optional),
+    or a ValueError naming `where`. Integral floats pass as ints and numeric strings as floats (PyYAML reads `1e-3`
+    as a string); nothing else is converted. Other hints pass the value through."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is typing.Union:
+        if value is None and type(None) in args:
+            return None
+        (hint,) = [a for a in args if a is not type(None)] or [hint]
+        return typed_value(value, hint, where)
+    if origin in (tuple, list):
+        item = args[0] if args else Any
+        if origin is tuple and isinstance(value, numbers.Integral) and not isinstance(value, bool):
+            value = [value]  # one width
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"{where} must be a list, got {value!r}")
+        return origin(typed_value(v, item, f"{where}[{i}]") for i, v in enumerate(value))
+    if origin is dict:
+        if not isinstance(value, Mapping):
+            raise ValueError(f"{where} must be a mapping, got {value!r}")
+        return {k: typed_value(v, args[1] if args else Any, f"{where}.{k}") for k, v in value.items()}
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ValueError(f"{where} must be true or false, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, numbers.Real) and not isinstance(value, numbers.Integral) and float(value).is_integer():
+            value = int(value)
+        if not isinstance(value, numbers.Integral) or isinstance(value, bool):
+            raise ValueError(f"{where} must be an integer, got {value!r}")
+        return int(value)
+    if hint is float:
+        if isinstance(value, str):
+            try:
+                value = float(value)
+            except ValueError:
+                raise ValueError(f"{where} must be a number, got {value!r}") from None
+        if not isinstance(value, numbers.Real) or isinstance(value, bool):
+            raise ValueError(f"{where} must be a number, got {value!r}")
+        return float(value)
+    if hint is str and not isinstance(value, str):
+        raise ValueError(f"{where} must be a string, got {value!r}")
+    return value
 
 
 @dataclasses.dataclass(frozen=True)
@@ -176,15 +226,15 @@ class ModelConfig:
             raise ValueError(f"ple_levels must be >= 1, got {self.ple_levels}")
         if not self.expert_units:
             raise ValueError("expert_units needs at least one width")
-        if self.gate_temperature <= 0:
-            raise ValueError(f"gate_temperature must be > 0, got {self.gate_temperature}")
+        if not 0 < self.gate_temperature < math.inf:
+            raise ValueError(f"gate_temperature must be > 0 and finite, got {self.gate_temperature}")
         if self.gate == "noisy_top_k" and self.top_k < 1:
             raise ValueError(f"top_k must be >= 1, got {self.top_k}")
         for name in ("expert_dropout", "tower_dropout"):
             if not 0 <= getattr(self, name) < 1:
                 raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
-        if self.balance_loss_weight < 0:
-            raise ValueError(f"balance_loss_weight must be >= 0, got {self.balance_loss_weight}")
+        if not 0 <= self.balance_loss_weight < math.inf:
+            raise ValueError(f"balance_loss_weight must be >= 0 and finite, got {self.balance_loss_weight}")
         if self.cross_layers < 0 or self.cross_rank < 0:
             raise ValueError(f"cross_layers and cross_rank must be >= 0, got {self.cross_layers} and "
                              f"{self.cross_rank}")
@@ -195,8 +245,10 @@ class ModelConfig:
             raise ValueError(f"numeric_bins must be >= 0, got {self.numeric_bins}")
         if self.embedding_lookup not in EMBEDDING_LOOKUPS:
             raise ValueError(f"embedding_lookup must be one of {EMBEDDING_LOOKUPS}, got {self.embedding_lookup!r}")
-        if self.learning_rate <= 0:
-            raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
+        if not 0 < self.learning_rate < math.inf:
+            raise ValueError(f"learning_rate must be > 0 and finite, got {self.learning_rate}")
+        if self.embedding_dim < 1:
+            raise ValueError(f"embedding_dim must be >= 1, got {self.embedding_dim}")
 
     def replace(self, **changes) -> "ModelConfig":
         return dataclasses.replace(self, **changes)

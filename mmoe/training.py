@@ -115,8 +115,8 @@ class OptimizerSettings:
             raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
         if self.cosine_epochs < 1:
             raise ValueError(f"cosine_epochs must be >= 1, got {self.cosine_epochs}")
-        if not self.weight_decay >= 0:
-            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
+        if not 0 <= self.weight_decay < math.inf:
+            raise ValueError(f"weight_decay must be >= 0 and finite, got {self.weight_decay}")
         if not 0 <= self.ema < 1:
             raise ValueError(f"ema must be in [0, 1), got {self.ema}")
 
@@ -207,9 +207,24 @@ def fit(model: keras.Model, tasks: Sequence[TaskSpec], train: TaskData, valid: O
                                                        restore_best_weights=True))
     adapt_model(model, train.inputs)
     keras.utils.set_random_seed(seed)
-    return model.fit(train.inputs, train.labels, sample_weight=_sample_weights(train, tasks),
-                     validation_data=validation_data, epochs=epochs, batch_size=batch_size,
-                     shuffle=True, callbacks=callbacks, verbose=verbose)
+    history = model.fit(train.inputs, train.labels, sample_weight=_sample_weights(train, tasks),
+                        validation_data=validation_data, epochs=epochs, batch_size=batch_size,
+                        shuffle=True, callbacks=[*callbacks, keras.callbacks.TerminateOnNaN()], verbose=verbose)
+    check_converged(history.history)
+    return history
+
+
+class TrainingDiverged(ValueError):
+    """The training loss became NaN or infinite: the weights, and every prediction after, are garbage."""
+
+
+def check_converged(history: Mapping[str, Sequence[float]]) -> None:
+    """Raises TrainingDiverged if a Keras `History.history`'s training loss is not finite in some epoch (train
+    with `keras.callbacks.TerminateOnNaN` so that epoch is the last)."""
+    for epoch, loss in enumerate(history.get("loss", []), start=1):
+        if not math.isfinite(loss):
+            raise TrainingDiverged(f"training diverged: the loss became {loss} in epoch {epoch}; lower the learning "
+                                   f"rate, or look for extreme input values")
 
 
 def roc_auc(labels: np.ndarray, scores: np.ndarray) -> float:

@@ -100,14 +100,21 @@ def model_config_from_args(args):
 
 
 def _load_mapping(path: str) -> dict:
-    text = Path(path).read_text()
-    if path.endswith((".yaml", ".yml")):
-        import yaml
-        data = yaml.safe_load(text)
-    else:
-        data = json.loads(text)
+    """A --model-config file: YAML (.yaml/.yml, any case) or JSON; errors name the file."""
+    try:
+        text = Path(path).read_text()
+    except OSError as err:
+        raise FileNotFoundError(f"--model-config {path}: {err.strerror or err}") from None
+    try:
+        if path.lower().endswith((".yaml", ".yml")):
+            import yaml
+            data = yaml.safe_load(text)
+        else:
+            data = json.loads(text)
+    except Exception as err:  # yaml.YAMLError, json.JSONDecodeError: malformed text either way
+        raise ValueError(f"--model-config {path}: cannot parse it: {err}") from None
     if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a mapping at the top level")
+        raise ValueError(f"--model-config {path}: expected a mapping at the top level")
     return data
 
 
@@ -156,7 +163,8 @@ def cmd_data_export(args) -> int:
     for path in args.data:
         if not Path(path).is_file():
             raise FileNotFoundError(f"--data {path}: no such file")
-    export_arrays(_dataset_spec(args), args.data, args.out, parse_split(args.split), args.seed)
+    export_arrays(_dataset_spec(args), args.data, args.out, parse_split(args.split), args.seed,
+                  overwrite=args.overwrite)
     return 0
 
 
@@ -218,7 +226,8 @@ def build_parser() -> argparse.ArgumentParser:
     export_source = export.add_mutually_exclusive_group()
     export_source.add_argument("--task-group", type=int, choices=[1, 2], default=1)
     export_source.add_argument("--config", metavar="FILE")
-    export.add_argument("--out", required=True, metavar="FILE.npz")
+    export.add_argument("--out", required=True, metavar="FILE.npz", help='".npz" is added if missing')
+    export.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     export.add_argument("--split", default="60/20/20")
     export.add_argument("--seed", type=int, default=0)
     export.add_argument("--format", choices=["npz"], default="npz")

@@ -11,6 +11,7 @@ The run directory holds everything needed to reuse or serve the model:
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -56,6 +57,8 @@ class TrainSettings:
             raise ValueError(f"steps per execution must be >= 1, got {self.steps_per_execution}")
         if self.patience < 0:
             raise ValueError(f"patience must be >= 0, got {self.patience}")
+        if not 0 <= self.seed < 2 ** 32:  # numpy's and Keras's seeds
+            raise ValueError(f"--seed must be in [0, 2**32), got {self.seed}")
         self.optimizer_settings()
 
     def optimizer_settings(self):
@@ -71,7 +74,7 @@ def parse_split(text: str) -> tuple[float, float, float]:
         values = [float(p) for p in parts]
     except ValueError:
         raise ValueError(f"--split must look like 60/20/20, got {text!r}") from None
-    if len(values) != 3 or any(v <= 0 for v in values) or abs(sum(values) - 100) > 1e-6:
+    if len(values) != 3 or not all(0 < v < 100 for v in values) or abs(sum(values) - 100) > 1e-6:
         raise ValueError(f"--split needs three positive percentages summing to 100, got {text!r}")
     return tuple(v / 100 for v in values)
 
@@ -88,6 +91,8 @@ def load_splits(data: Sequence[str], spec, split, seed: int, log=print):
         protocol = {"name": "single-file split", "split": "/".join(f"{100 * s:g}" for s in split), "seed": seed,
                     "files": paths}
     elif len(paths) == 2:
+        if os.path.realpath(paths[0]) == os.path.realpath(paths[1]):
+            raise ValueError(f"--data names the same file twice ({paths[0]}): the test rows would be training rows")
         train_frame, test_frame = read_dataset(paths[0], spec), read_dataset(paths[1], spec)
         log(f"read {len(train_frame):,} training rows from {paths[0]} and {len(test_frame):,} rows from {paths[1]}")
         train, valid, test = paper_split(train_frame, test_frame, seed=seed)
@@ -95,8 +100,26 @@ def load_splits(data: Sequence[str], spec, split, seed: int, log=print):
                     "files": paths}
     else:
         raise ValueError(f"--data takes one file (then split) or a train file and a test file, got {len(paths)}")
-    protocol.update(rows={"train": len(train), "valid": len(valid), "test": len(test)})
+    rows = {"train": len(train), "valid": len(valid), "test": len(test)}
+    empty = [name for name, n in rows.items() if n == 0]
+    if empty:
+        how = f"--split {protocol['split']} of {len(frame):,} rows" if len(paths) == 1 else \
+            f"{len(train_frame):,} training rows and {len(test_frame):,} test rows split 1:1"
+        raise ValueError(f"too few rows: {how} leaves the {' and '.join(empty)} split(s) empty ({rows})")
+    for name, split_frame_ in (("valid", valid), ("test", test)):
+        for t in spec.tasks:
+            if t.kind == "binary" and binary_labels(split_frame_[t.column], t).nunique() < 2:
+                log(f"warning: the {name} split has one class only for task {t.name!r}: its AUC is undefined "
+                    f"(null in metrics.json){' and early stopping has nothing to watch' if name == 'valid' else ''}")
+    protocol.update(rows=rows)
     return train, valid, test, protocol
+
+
+def binary_labels(column, task):
+    """A binary task's 0/1 labels from its raw column (as read, before the transform), as the transform makes them."""
+    if task.positive is not None:
+        return column.isin(task.positive)
+    return column.astype("float64") > task.threshold
 
 
 def transform_splits(spec, data: Sequence[str], split, seed: int, transform_dir: str, log=print):
@@ -134,24 +157,71 @@ def model_tasks(spec, loss_weights: Optional[dict]):
 
 def train_run(spec, data: Sequence[str], out_dir: str, model_config, settings: TrainSettings,
               overwrite: bool = False, log=print) -> dict:
-    """The whole `mmoe train` job; returns the metrics written to metrics.json."""
+    """The whole `mmoe train` job; returns the metrics written to metrics.json. The run is written beside `out_dir`
+    and moved there when it finishes, so a failed run changes nothing (see `staged_run_dir`)."""
+    from mmoe.training import main_task_spec
+
+    out = Path(out_dir)
+    check_run_dir(out, overwrite)
+    tasks = model_tasks(spec, settings.loss_weights)  # bad task names fail before any slow work
+    main = main_task_spec(tasks, settings.main_task)
+    if settings.use_weights and spec.weight_column is None:
+        raise ValueError("--use-weights: the dataset spec names no weight column (weight_column)")
+    with staged_run_dir(out) as stage:
+        return _train_run(spec, data, out, stage, tasks, main, model_config, settings, log)
+
+
+def check_run_dir(out: Path, overwrite: bool) -> None:
+    """Refuses an --out that is a file, or that holds anything (a run, or other files) unless `overwrite`."""
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"--out {out} is a file, not a directory")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        what = "a run (metrics.json)" if (out / "metrics.json").exists() else "files, but no finished run"
+        raise FileExistsError(f"--out {out} already holds {what}; pass --overwrite to replace it, or choose "
+                              f"another --out")
+
+
+@contextlib.contextmanager
+def staged_run_dir(out: Path):
+    """A fresh directory beside `out` to write the run into; it replaces `out` only when the run finishes.
+
+    A run that fails (bad data found late, a diverged loss, Ctrl-C) leaves `out` as it was, an earlier run in it
+    included, and no half-written files: tf.Transform refuses to write into an existing transform directory, and a
+    half-written run would otherwise block the next one."""
+    import shutil
+    import tempfile
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        yield stage
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+    old = None
+    if out.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+        os.replace(out, old / out.name)
+    os.replace(stage, out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _train_run(spec, data, out: Path, stage: Path, tasks, main, model_config, settings: TrainSettings, log) -> dict:
+    """train_run's work, written into `stage` (which becomes `out`)."""
     import keras
 
     from mmoe import InputFeature, build_model, compile_model
-    from mmoe.training import TaskData, early_stopped_epoch, evaluate, fit, main_task_spec, optimizer_and_callbacks
+    from mmoe.training import TaskData, early_stopped_epoch, evaluate, fit, optimizer_and_callbacks
 
-    out = Path(out_dir)
-    if (out / "metrics.json").exists() and not overwrite:
-        raise FileExistsError(f"{out} already holds a run (metrics.json); pass --overwrite or choose another --out")
-    tasks = model_tasks(spec, settings.loss_weights)  # bad task names fail before any slow work
-    main = main_task_spec(tasks, settings.main_task)
-    out.mkdir(parents=True, exist_ok=True)
     started = time.time()
-
-    inputs, arrays, protocol = transform_splits(spec, data, settings.split, settings.seed, out / "transform", log=log)
+    inputs, arrays, protocol = transform_splits(spec, data, settings.split, settings.seed, stage / "transform",
+                                                log=log)
     features = [InputFeature.from_dict(i) for i in inputs]
     names = [f.name for f in features]
     splits = {k: task_data(arrays[k], spec, names, settings.use_weights) for k in ("train", "valid", "test")}
+    if settings.use_weights and not splits["train"].weights.any():
+        raise ValueError(f"--use-weights: every training row's weight ({spec.weight_column!r}) is 0")
 
     def new_model(rows, validated=True):
         """(model, callbacks) compiled with the settings' optimizer; a cosine schedule spans `rows` per epoch."""
@@ -200,27 +270,50 @@ def train_run(spec, data: Sequence[str], out_dir: str, model_config, settings: T
         for t in tasks:
             metrics["tasks"][t.name]["refit_test"] = refit_test[t.name]
 
-    model.save(out / "model.keras")
-    (out / "history.json").write_text(json.dumps(
+    model.save(stage / "model.keras")
+    (stage / "history.json").write_text(json.dumps(
         {k: [float(v) for v in vals] for k, vals in history.history.items()}, indent=1))
-    plot_history(history.history, tasks, out / "training_curves.png")
+    plot_history(history.history, tasks, stage / "training_curves.png")
     from features.spec import dataset_spec_to_dict
-    (out / "run_config.json").write_text(json.dumps({
+    (stage / "run_config.json").write_text(json.dumps({
         "dataset": dataset_spec_to_dict(spec), "model": model_config.to_dict(),
         "tasks": [t.to_dict() for t in tasks], "inputs": [f.to_dict() for f in features],
         "train": {**dataclasses.asdict(settings), "split": list(settings.split)}}, indent=1))
     metrics["total_seconds"] = round(time.time() - started, 1)
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
+    (stage / "metrics.json").write_text(json.dumps(json_safe(metrics), indent=1, allow_nan=False))
     log(format_metrics(metrics))
     log(f"wrote {out}/model.keras, {out}/transform, {out}/metrics.json")
     return metrics
 
 
-def export_arrays(spec, data: Sequence[str], out_path: str, split, seed: int, log=print) -> str:
-    """Transforms like `train_run` and saves the splits with `save_arrays`."""
+def json_safe(value):
+    """`value` with every NaN or infinite float as None: JSON has no NaN (Python writes one that jq and JavaScript
+    refuse), and a metric is undefined e.g. when a split has one class only."""
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    if isinstance(value, float) and not np.isfinite(value):
+        return None
+    return value
+
+
+def npz_path(path) -> str:
+    """`path` as numpy will write it: numpy adds ".npz" to a name without it."""
+    path = str(path)
+    return path if path.endswith(".npz") else path + ".npz"
+
+
+def export_arrays(spec, data: Sequence[str], out_path: str, split, seed: int, log=print,
+                  overwrite: bool = False) -> str:
+    """Transforms like `train_run` and saves the splits with `save_arrays` (to `npz_path(out_path)`, returned)."""
     import tempfile
 
     tasks = model_tasks(spec, None)
+    out_path = npz_path(out_path)
+    if Path(out_path).exists() and not overwrite:
+        raise FileExistsError(f"--out {out_path} exists; pass --overwrite to replace it")
+    Path(out_path).parent.mkdir(parents=True, exist_ok=True)  # fails now, not after the transform
     with tempfile.TemporaryDirectory() as tmp:
         inputs, arrays, protocol = transform_splits(spec, data, split, seed, tmp, log=log)
     save_arrays(out_path, inputs, tasks, {t.name: spec.label_key(t.name) for t in tasks}, protocol, arrays)

@@ -259,7 +259,8 @@ def run_fn(fn_args) -> None:
     import tensorflow_transform as tft
 
     from mmoe import build_model, compile_model
-    from mmoe.training import OptimizerSettings, main_task_spec, monitor_for, optimizer_and_callbacks
+    from mmoe.training import (OptimizerSettings, check_converged, main_task_spec, monitor_for,
+                               optimizer_and_callbacks)
     from serving.export import export_serving_model
 
     custom_config = fn_args.custom_config or {}
@@ -298,11 +299,12 @@ def run_fn(fn_args) -> None:
     # the weights they leave in the model at the end of an epoch.
     callbacks = [keras.callbacks.TensorBoard(log_dir=log_dir, update_freq="epoch"), *optimizer_callbacks,
                  keras.callbacks.EarlyStopping(monitor=monitor, mode=mode, patience=int(settings["patience"]),
-                                               restore_best_weights=True)]
+                                               restore_best_weights=True), keras.callbacks.TerminateOnNaN()]
     logging.info("training %s (%d parameters) on %d replica(s), global batch %d, %d steps (%d epochs of %d)",
                  config.arch, model.count_params(), replicas, global_batch, train_steps, epochs, steps_per_epoch)
     history = model.fit(train_ds, steps_per_epoch=steps_per_epoch, epochs=epochs, validation_data=eval_ds,
                         validation_steps=fn_args.eval_steps or None, callbacks=callbacks, verbose=2)
+    check_converged(history.history)  # a diverged model must fail the Trainer, not reach the Evaluator
 
     os.makedirs(log_dir, exist_ok=True)
     with tf.io.gfile.GFile(os.path.join(log_dir, "training.json"), "w") as fh:

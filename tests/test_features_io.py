@@ -142,3 +142,23 @@ def test_paper_split():
     assert tr.equals(train)
     assert len(va) == 50 and len(te) == 51
     assert set(va["i"]).isdisjoint(te["i"]) and set(va["i"]) | set(te["i"]) == set(test["i"])
+
+
+def test_values_past_float32_are_refused_before_they_become_inf(tmp_path):
+    path = write(tmp_path, HEADER + "\nu1,fr,31,yes,2.0\nu2,de,4e38,no,1.5\n")
+    with pytest.raises(DataError, match=r"'age'.*float32.*line 3: '4e38'"):
+        read_dataset(path, spec())
+    assert read_dataset(write(tmp_path, HEADER + "\nu1,fr,3e38,yes,2.0\n", "ok.csv"), spec())["age"][0] == 3e38
+
+
+def test_a_byte_order_mark_is_not_part_of_the_first_column(tmp_path):
+    path = tmp_path / "excel.csv"
+    path.write_bytes(b"\xef\xbb\xbf" + (HEADER + "\nu1,fr,31,yes,2.0\n").encode())
+    assert list(read_dataset(path, spec())["age"]) == [31.0]
+
+
+def test_a_binary_file_is_named_as_one(tmp_path):
+    path = tmp_path / "model.keras"
+    path.write_bytes(b'PK\x03\x04\x00\x00"x",y\n' * 3)
+    with pytest.raises(DataError, match="model.keras: holds NUL bytes"):
+        read_dataset(path, spec())

@@ -364,3 +364,40 @@ def test_task_data_concat_keeps_row_order_and_drops_weights_only_when_a_part_lac
         TaskData.concat([a, TaskData({"y": np.arange(2.0)}, b.labels)])
     with pytest.raises(ValueError, match="at least one"):
         TaskData.concat([])
+
+
+def test_a_diverging_fit_fails_instead_of_returning_a_nan_model():
+    from mmoe.training import TaskData, TrainingDiverged, check_converged
+
+    features, tasks = [InputFeature("x")], [TaskSpec("t")]
+    config = ModelConfig(num_experts=2, expert_units=(4,), learning_rate=1e36)  # Adam steps of 1e36: overflow
+    model = compile_model(build_model(config, features, tasks), config, tasks, jit_compile=False)
+    x = np.random.default_rng(0).normal(size=256).astype("float32")
+    data = TaskData({"x": x}, {"t": (x > 0).astype("float32")})
+    with pytest.raises(TrainingDiverged, match="nan in epoch 1"):
+        fit(model, tasks, data, epochs=3, batch_size=64, verbose=0)
+    check_converged({"loss": [0.5, 0.4]})  # finite: nothing to say
+    with pytest.raises(TrainingDiverged, match="inf in epoch 2"):
+        check_converged({"loss": [0.5, float("inf")]})
+
+
+@pytest.mark.parametrize("data, expected", [
+    ({"expert_units": "64"}, "expert_units must be a list"),
+    ({"mixed_precision": "false"}, "mixed_precision must be true or false"),
+    ({"num_experts": 4.5}, "num_experts must be an integer"),
+    ({"num_experts": True}, "num_experts must be an integer"),
+    ({"learning_rate": "fast"}, "learning_rate must be a number"),
+    ({"arch": 3}, "arch must be a string"),
+])
+def test_model_config_from_a_file_holds_each_value_to_its_type(data, expected):
+    with pytest.raises(ValueError, match=expected):
+        ModelConfig.from_dict(data)
+
+
+def test_model_config_from_a_file_takes_what_yaml_and_json_give():
+    # PyYAML reads 1e-3 as a string, JSON writes 8.0 for 8, numpy ints come from arrays; one width is a list of one.
+    config = ModelConfig.from_dict({"learning_rate": "1e-3", "num_experts": 8.0, "tower_units": np.int64(16),
+                                    "expert_units": [64, np.int64(32)]})
+    assert (config.learning_rate, config.num_experts, config.tower_units, config.expert_units) == \
+        (1e-3, 8, (16,), (64, 32))
+    assert type(config.num_experts) is int and all(type(w) is int for w in config.expert_units)

@@ -63,6 +63,12 @@ def test_config_defaults_and_errors(tmp_path):
     with pytest.raises(ValueError, match="train.schedule must be one of"):
         make_config({"train": {"schedule": "step"}})
     assert make_config({"train": {"ema": 0.99}}).module_config()["train"]["ema"] == 0.99
+    # Values are held to their types: a quoted "no" is not false, nor "64" a width; PyYAML's string 1e-3 is a number.
+    with pytest.raises(ValueError, match="use_weights must be true or false"):
+        make_config({"train": {"use_weights": "no"}})
+    with pytest.raises(ValueError, match=r"'tuner' num_experts\[1\] must be an integer"):
+        make_config({"tuner": {"num_experts": [4, "8"]}})
+    assert make_config({"tuner": {"learning_rate": ["1e-4", "1e-3"]}}).tuner.learning_rate == [1e-4, 1e-3]
     # A bare dataset spec file is the dataset section.
     path = tmp_path / "spec.json"
     path.write_text(json.dumps(dataset_spec_to_dict(census_spec(2))))

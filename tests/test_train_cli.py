@@ -59,6 +59,20 @@ def test_train_writes_model_transform_and_metrics(small_census, tmp_path, capsys
     rc = main(["train", "--data", str(small_census), "--out", str(out), "--epochs", "1"])
     assert rc == 2
     assert "--overwrite" in capsys.readouterr().err
+    # A run that fails, here on a bad row, with --overwrite leaves the finished run as it was, and nothing beside.
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    lines = small_census.read_text().splitlines()
+    lines[2000] = lines[2000].replace(",", ",1e39,", 1).split(",", 1)[1]  # age 1e39, past float32
+    bad = tmp_path / "bad.data"
+    bad.write_text("\n".join(lines) + "\n")
+    assert main(["train", "--data", str(bad), "--out", str(out), "--overwrite"]) == 2
+    assert "float32" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.data", "run"]
+    # A finished one replaces it whole: one epoch now, and the transform rewritten rather than refused.
+    assert main(["train", "--data", str(small_census), "--out", str(out), "--epochs", "1", "--overwrite"]) == 0
+    assert json.loads((out / "metrics.json").read_text())["epochs_trained"] == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.data", "run"]
 
 
 @pytest.mark.slow
@@ -182,10 +196,82 @@ def test_unexpected_label_value_names_column(tmp_path, census_lines, capsys):
     (["--main-task", "salary"], "salary"),
     (["--ema", "1.5"], "ema"),
     (["--cosine-epochs", "0"], "cosine_epochs"),
+    (["--learning-rate", "nan"], "learning_rate"),
+    (["--weight-decay", "inf"], "weight_decay"),
+    (["--embedding-dim", "0"], "embedding_dim"),
+    (["--split", "nan/nan/nan"], "--split"),
+    (["--seed", "-1"], "--seed"),
+    (["--use-weights", "--config", "TASKS_ONLY"], "no weight column"),
 ])
 def test_bad_settings_are_clear_errors(small_census, tmp_path, capsys, flags, expected):
+    if "TASKS_ONLY" in flags:  # the census spec without its weight column
+        from features.census import census_spec
+        from features.spec import dataset_spec_to_dict
+
+        spec = {**dataset_spec_to_dict(census_spec(1)), "weight_column": None}
+        (tmp_path / "spec.json").write_text(json.dumps(spec))
+        flags = [str(tmp_path / "spec.json") if f == "TASKS_ONLY" else f for f in flags]
     err = _run_error(["train", "--data", str(small_census), "--out", str(tmp_path / "o")] + flags, capsys)
     assert expected in err
+    assert not (tmp_path / "o").exists() and not list(tmp_path.glob(".o.*"))  # nothing written
+
+
+@pytest.mark.parametrize("config, expected", [
+    ("expert_units: '64'\n", "expert_units must be a list, got '64'"),
+    ("mixed_precision: 'false'\n", "mixed_precision must be true or false"),
+    ("num_experts: 4.7\n", "num_experts must be an integer"),
+    ("num_experts: [4\n", "cannot parse"),
+])
+def test_bad_model_config_files_are_clear_errors(small_census, tmp_path, capsys, config, expected):
+    (tmp_path / "model.YAML").write_text(config)  # any case of the suffix is YAML
+    err = _run_error(["train", "--data", str(small_census), "--out", str(tmp_path / "o"), "--model-config",
+                      str(tmp_path / "model.YAML")], capsys)
+    assert expected in err
+
+
+def test_an_existing_out_is_refused_before_any_work(small_census, tmp_path, capsys):
+    (tmp_path / "o").mkdir()
+    (tmp_path / "o" / "notes.txt").write_text("mine")
+    err = _run_error(["train", "--data", str(small_census), "--out", str(tmp_path / "o")], capsys)
+    assert "no finished run" in err and "--overwrite" in err
+    (tmp_path / "f").write_text("a file")
+    assert "is a file" in _run_error(["train", "--data", str(small_census), "--out", str(tmp_path / "f")], capsys)
+    assert (tmp_path / "o" / "notes.txt").read_text() == "mine"
+
+
+def test_too_few_rows_or_one_file_twice_fail_before_the_transform(tmp_path, census_lines, capsys):
+    (tmp_path / "three.data").write_text("\n".join(census_lines[:3]) + "\n")
+    err = _run_error(["train", "--data", str(tmp_path / "three.data"), "--out", str(tmp_path / "o")], capsys)
+    assert "too few rows" in err and "valid" in err and "--split 60/20/20" in err
+    err = _run_error(["data", "export", "--data", str(tmp_path / "three.data"), "--out", str(tmp_path / "x")],
+                     capsys)
+    assert "too few rows" in err and not list(tmp_path.glob("x*"))
+    (tmp_path / "some.data").write_text("\n".join(census_lines[:100]) + "\n")
+    err = _run_error(["train", "--data", str(tmp_path / "some.data"), str(tmp_path / "some.data"), "--out",
+                      str(tmp_path / "o")], capsys)
+    assert "same file twice" in err
+
+
+def test_one_class_in_a_split_is_warned_about(tmp_path, census_lines):
+    from features.census import census_spec
+    from pipelines.train_local import load_splits
+
+    # The sample's first 60 rows: income is rare, so some split of 12 rows has no positive.
+    (tmp_path / "few.data").write_text("\n".join(census_lines[:60]) + "\n")
+    said = []
+    load_splits([tmp_path / "few.data"], census_spec(1), (0.6, 0.2, 0.2), seed=0, log=said.append)
+    warned = [m for m in said if m.startswith("warning:")]
+    assert warned and all("income" in m or "marital" in m for m in warned)
+    assert any("valid split" in m and "early stopping" in m for m in warned) or \
+        any("test split" in m for m in warned)
+
+
+def test_metrics_json_has_no_nan():
+    from pipelines.train_local import json_safe
+
+    safe = json_safe({"auc": float("nan"), "runs": [1.0, float("inf"), {"x": -float("inf")}], "n": 3, "s": "a"})
+    assert safe == {"auc": None, "runs": [1.0, None, {"x": None}], "n": 3, "s": "a"}
+    json.dumps(safe, allow_nan=False)
 
 
 def test_two_files_follow_the_paper_protocol(tmp_path, census_lines):
@@ -234,7 +320,10 @@ def test_data_export_loads_without_tensorflow(small_census, tmp_path):
     import sys
 
     out = tmp_path / "census.npz"
-    assert main(["data", "export", "--data", str(small_census), "--out", str(out), "--seed", "2"]) == 0
+    # numpy adds the suffix itself; the command says where the file really is.
+    assert main(["data", "export", "--data", str(small_census), "--out", str(tmp_path / "census"), "--seed", "2"]) == 0
+    assert out.exists() and not (tmp_path / "census").exists()
+    assert main(["data", "export", "--data", str(small_census), "--out", str(out)]) == 2  # no silent overwrite
     script = (
         "import sys, json; from pipelines.train_local import load_arrays\n"
         f"inputs, tasks, splits, protocol = load_arrays({str(out)!r})\n"

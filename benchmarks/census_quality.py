@@ -1087,8 +1087,9 @@ def plot(report, path):
             if target is not None and low <= target <= high:
                 ax.axhline(target, color="tab:red", linestyle="--", linewidth=1)
             elif target is not None:  # drawn to scale it would flatten the seeds into one line
-                ax.text(0.01, 0.02 if target < low else 0.93, f"target {target:g}: {'below' if target < low else 'above'}"
-                        " this panel", transform=ax.transAxes, fontsize=7, color="tab:red")
+                where = "below" if target < low else "above"
+                ax.text(0.01, 0.02 if target < low else 0.93, f"target {target:g}: {where} this panel",
+                        transform=ax.transAxes, fontsize=7, color="tab:red")
             ax.set_xticks(range(len(columns)), [c.replace("_", "\n") for c in columns], fontsize=8)
             ax.set_title(f"group {group}: {task}", fontsize=10)
             ax.grid(axis="y", alpha=0.3)

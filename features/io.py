@@ -167,8 +167,8 @@ def _to_float(path: str, frame: pd.DataFrame, column: str, spec: DatasetSpec, al
     huge = np.abs(values.to_numpy(dtype=float, na_value=0.0)) > _FLOAT32_MAX
     if huge.any():
         examples = list(zip(raw.index[huge], raw[huge]))
-        raise DataError(f"{path}: column {column!r} ({what}) has value(s) beyond float32's range (±{_FLOAT32_MAX:.3g}): "
-                        f"{_quote_examples(examples)}")
+        raise DataError(f"{path}: column {column!r} ({what}) has value(s) beyond float32's range "
+                        f"(±{_FLOAT32_MAX:.3g}): {_quote_examples(examples)}")
     if not allow_missing and is_na.any():
         examples = list(zip(raw.index[is_na], raw[is_na]))
         raise DataError(f"{path}: column {column!r} ({what}) has missing value(s): {_quote_examples(examples)}")

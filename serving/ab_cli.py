@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 OFFLINE = "mmoe ab-eval --a MODEL_A --b MODEL_B --data FILE --out DIR"
@@ -84,6 +85,8 @@ def cmd_ab_eval(args) -> int:
     from serving.tensors import ServingError
 
     mode = _mode(args)
+    if args.out and os.path.exists(args.out) and not os.path.isdir(args.out):  # found now, not after the work
+        raise ValueError(f"--out {args.out} is a file; the report goes into a directory")
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
     settings = Settings(resamples=args.resamples, seed=args.seed, alpha=args.alpha, power=args.power, bins=args.bins,

@@ -24,7 +24,9 @@ def add_commands(subparsers) -> None:
     serve.add_argument("--enable-batching", action="store_true", help="server-side batching with default parameters")
     serve.add_argument("--batching-parameters-file", metavar="FILE",
                        help="TF Serving BatchingParameters text file (implies --enable-batching)")
-    serve.add_argument("--file-system-poll-wait-seconds", type=float, default=1.0)
+    serve.add_argument("--file-system-poll-wait-seconds", type=float, default=1.0,
+                       help="seconds between looks at the base paths for new or removed versions (and at "
+                            "--model-config-file); 0: look once, at start-up (as TF Serving)")
     serve.add_argument("--max-request-batch", type=int, default=8192,
                        help="largest batch one request may carry (bigger: RESOURCE_EXHAUSTED)")
     serve.add_argument("--ssl-cert", metavar="PEM", help="server certificate (with --ssl-key: TLS)")
@@ -67,7 +69,9 @@ def add_commands(subparsers) -> None:
     predict.add_argument("--csv", required=True, metavar="ROWS.csv")
     predict.add_argument("--ca-cert", metavar="PEM", help="trust this certificate (TLS)")
     predict.add_argument("--server-name", help="TLS name to check in the server certificate")
-    predict.add_argument("--timeout", type=float, default=30.0)
+    predict.add_argument("--timeout", type=float, default=30.0, help="seconds each request may take")
+    predict.add_argument("--batch-size", type=int, default=4096,
+                         help="rows per request (at most the server's --max-request-batch)")
     predict.set_defaults(func=cmd_predict)
 
 
@@ -103,6 +107,9 @@ def build_server(args):
         if getattr(args, flag) < low:
             meaning = " (0: TensorFlow's choice)" if low == 0 else ""
             raise ValueError(f"--{flag.replace('_', '-')} must be >= {low}{meaning}, got {getattr(args, flag)}")
+    if not 0 <= args.file_system_poll_wait_seconds < float("inf"):
+        raise ValueError(f"--file-system-poll-wait-seconds must be >= 0 (0: poll once at start-up), got "
+                         f"{args.file_system_poll_wait_seconds}")
     if not 0 <= args.port <= 65535:
         raise ValueError(f"--port must be in 0..65535, got {args.port}")
     cert = key = None
@@ -110,6 +117,7 @@ def build_server(args):
         if not (args.ssl_cert and args.ssl_key):
             raise ValueError("TLS needs both --ssl-cert and --ssl-key")
         cert, key = _read(args.ssl_cert, "--ssl-cert"), _read(args.ssl_key, "--ssl-key")
+        _check_key_pair(args.ssl_cert, args.ssl_key)
     split, prediction_logger = _ab_options(args, entries)
     set_tensorflow_threads(args.tensorflow_intra_op_parallelism, args.tensorflow_inter_op_parallelism)
     manager = ModelManager(entries, batching=batching, max_batch=args.max_request_batch,
@@ -117,6 +125,21 @@ def build_server(args):
     return Server(manager, host=args.host, port=args.port, certificate=cert, private_key=key,
                   max_workers=args.grpc_threads, max_concurrent_rpcs=args.max_concurrent_rpcs, split=split,
                   prediction_logger=prediction_logger)
+
+
+def _check_key_pair(cert_path: str, key_path: str) -> None:
+    """Fails unless the files are a PEM certificate and its unencrypted private key: gRPC would report a bad pair
+    only as a failure to bind the port."""
+    import ssl
+
+    def no_password():
+        raise ValueError("the key is encrypted; gRPC needs it unencrypted")
+
+    try:
+        ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(cert_path, key_path, password=no_password)
+    except (ssl.SSLError, ValueError) as err:
+        raise ValueError(f"--ssl-cert {cert_path} / --ssl-key {key_path}: not a PEM certificate and its private key "
+                         f"({err})") from None
 
 
 def _ab_options(args, entries):
@@ -174,11 +197,18 @@ def cmd_predict(args) -> int:
 
     from serving.client import ModelClient, format_scores
 
+    if not 0 < args.timeout < float("inf"):
+        raise ValueError(f"--timeout must be > 0 seconds, got {args.timeout}")
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.server_name and not args.ca_cert:
+        raise ValueError("--server-name is the name to check in the server's certificate: it needs --ca-cert (TLS)")
     root = _read(args.ca_cert, "--ca-cert") if args.ca_cert else None
     try:
         with ModelClient(args.server, root_certificates=root, server_name=args.server_name,
                          timeout=args.timeout) as client:
-            scores = client.predict_csv(args.model, args.csv, version=args.version, label=args.label)
+            scores = client.predict_csv(args.model, args.csv, version=args.version, label=args.label,
+                                        batch_size=args.batch_size)
     except grpc.RpcError as err:
         print(f"error: {err.code().name}: {err.details()}", file=sys.stderr)
         return 1

@@ -93,12 +93,18 @@ class ModelClient:
                 for name, info in sig_map.signature_def["predict_raw"].inputs.items()}
 
     def predict_csv(self, model: str, path: str, *, version: Optional[int] = None, label: Optional[str] = None,
-                    output_filter: Sequence[str] = ()) -> Dict[str, np.ndarray]:
-        """Scores every row of a CSV with a header row naming (at least) the model's raw features."""
+                    output_filter: Sequence[str] = (), batch_size: int = 4096) -> Dict[str, np.ndarray]:
+        """Scores every row of a CSV with a header row naming (at least) the model's raw features, `batch_size`
+        rows a request (the server refuses requests past its --max-request-batch, 8192 by default)."""
+        if batch_size < 1:
+            raise ValueError(f"batch size must be >= 1, got {batch_size}")
         columns = self.raw_inputs(model, version, label)
         inputs = read_csv_columns(path, columns)
-        return self.predict(model, inputs, signature="predict_raw", version=version, label=label,
-                            output_filter=output_filter)
+        rows = len(next(iter(inputs.values())))
+        parts = [self.predict(model, {k: v[start:start + batch_size] for k, v in inputs.items()},
+                              signature="predict_raw", version=version, label=label, output_filter=output_filter)
+                 for start in range(0, rows, batch_size)]
+        return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
     def status(self, model: str, version: Optional[int] = None, label: Optional[str] = None):
         request = get_model_status_pb2.GetModelStatusRequest()
@@ -109,7 +115,7 @@ class ModelClient:
 def read_csv_columns(path: str, dtypes: Dict[str, str]) -> Dict[str, np.ndarray]:
     """CSV (header row) -> one array per wanted column: float32 for DT_FLOAT (missing -> NaN), bytes otherwise."""
     try:
-        with open(path, newline="") as fh:
+        with open(path, newline="", encoding="utf-8-sig") as fh:  # -sig: spreadsheets start with a byte-order mark
             reader = csv.reader(fh)
             header = next(reader, None)
             rows = [r for r in reader if r]
@@ -134,9 +140,14 @@ def read_csv_columns(path: str, dtypes: Dict[str, str]) -> Dict[str, np.ndarray]
             values.append(row[i].strip())
         if dtype == "DT_FLOAT":
             try:
-                out[name] = np.array([np.nan if v in MISSING_VALUES else float(v) for v in values], np.float32)
+                numbers = np.array([np.nan if v in MISSING_VALUES else float(v) for v in values])
             except ValueError as err:
                 raise ValueError(f"{path}: column {name!r} must be numeric: {err}") from None
+            huge = np.flatnonzero(np.abs(np.nan_to_num(numbers)) > np.finfo(np.float32).max)
+            if len(huge):  # inf, or past float32, where it would become inf: the model has no answer for it
+                raise ValueError(f"{path}:{huge[0] + 2}: column {name!r} holds {values[huge[0]]!r}, not a finite "
+                                 f"float32 (missing values are written {' '.join(repr(m) for m in MISSING_VALUES)})")
+            out[name] = numbers.astype(np.float32)
         else:
             out[name] = np.array([v.encode() for v in values], dtype=object)
     return out

@@ -263,6 +263,9 @@ class Servable:
         """The signature a request names and its batch size, after checking inputs and output_filter."""
         sig = self.signature(signature_key)
         if output_filter:
+            repeated = sorted({o for o in output_filter if list(output_filter).count(o) > 1})
+            if repeated:  # as TF Serving: a repeated name is a malformed request, not one to tidy up
+                raise invalid(f"output_filter repeats {repeated}")
             unknown = sorted(set(output_filter) - set(sig.outputs))
             if unknown:
                 raise invalid(f"output_filter names unknown output(s) {unknown}; signature {sig.name!r} "
@@ -368,6 +371,7 @@ class _Model:
         self.servables: Dict[int, Servable] = {}
         self.status: Dict[int, VersionStatus] = {}
         self.base_path_error = ""
+        self.warned_empty = False  # the "no version directory" warning was given (once until versions appear)
 
 
 def versions_on_disk(base_path: str) -> Dict[int, float]:
@@ -506,6 +510,8 @@ class ModelManager:
 
     def start(self) -> None:
         self.poll()
+        if self._poll_seconds <= 0:  # TF Serving's meaning of 0: the start-up poll is the only one
+            return
         self._thread = threading.Thread(target=self._poll_loop, name="model-poller", daemon=True)
         self._thread.start()
 
@@ -574,6 +580,13 @@ class ModelManager:
         else:
             model.base_path_error = ""
             on_disk = versions_on_disk(entry.base_path)
+            if not on_disk and not model.warned_empty:
+                # Said once per model (the poller comes back every second): the usual mistake is one level off.
+                hint = ("; it holds saved_model.pb itself: pass its parent, whose numbered directories are versions"
+                        if os.path.exists(os.path.join(entry.base_path, "saved_model.pb")) else "")
+                log.warning("model %s: no numbered version directory under %s yet%s", entry.name, entry.base_path,
+                            hint)
+            model.warned_empty = not on_disk
         # Failed versions stay failed until their saved_model.pb changes.
         failed = {v for v, s in model.status.items()
                   if s.error_message and v in on_disk and on_disk[v] == s.mtime}

@@ -202,7 +202,8 @@ class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
             head = self._head(servable, request.model_spec.signature_name, "binary")
             _, outputs = await self._run(servable, "serving_default", {"examples": examples}, [head])
             response = classification_pb2.ClassificationResponse()
-            _fill_spec(response.model_spec, servable, head)
+            # The name asked for, echoed as TF Serving does ("serving_default" when none).
+            _fill_spec(response.model_spec, servable, request.model_spec.signature_name or "serving_default")
         for p in outputs[head].astype(float):
             result = response.result.classifications.add()
             result.classes.add(label="0", score=1.0 - p)
@@ -220,7 +221,7 @@ class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
             head = self._head(servable, request.model_spec.signature_name, None)
             _, outputs = await self._run(servable, "serving_default", {"examples": examples}, [head])
             response = regression_pb2.RegressionResponse()
-            _fill_spec(response.model_spec, servable, head)
+            _fill_spec(response.model_spec, servable, request.model_spec.signature_name or "serving_default")
         for value in outputs[head].astype(float):
             response.result.regressions.add(value=value)
         self._finish("regress", request, response, route, started, context)

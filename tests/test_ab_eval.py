@@ -96,6 +96,9 @@ def test_offline_bad_input(exports, rows_file, tmp_path, capsys):
     assert "holds no saved_model.pb" in capsys.readouterr().err
     assert main(["ab-eval", "--a", "x", "--logs", "d"]) == 2
     assert "not both" in capsys.readouterr().err
+    (tmp_path / "a_file").write_text("")
+    assert main(["ab-eval", "--a", "x", "--b", "y", "--data", rows_file, "--out", str(tmp_path / "a_file")]) == 2
+    assert "is a file; the report goes into a directory" in capsys.readouterr().err
 
 
 # -- online ------------------------------------------------------------------------------------------------
@@ -164,6 +167,10 @@ def test_online_bad_input(tmp_path):
         evaluate_online("logs", path, None, None, logs=logs, split=SPLIT, heads=["nope"])
     with pytest.raises(ValueError, match="no key column 'account'"):
         evaluate_online("logs", path, "account", None, logs=logs.assign(**{"in.account": 1.0}), split=SPLIT)
+    wrong = labels.assign(income=np.where(np.arange(len(labels)) == 7, 2, labels["income"]))  # one typo'd outcome
+    wrong.to_csv(tmp_path / "wrong.csv", index=False)
+    with pytest.raises(ValueError, match=r"head 'income' looks binary .* 1 other outcome\(s\) \(e.g. \[2.0\]\)"):
+        evaluate_online("logs", str(tmp_path / "wrong.csv"), None, None, logs=logs, split=SPLIT, heads=["income"])
     with pytest.raises(ValueError, match="no traffic split was active"):
         evaluate_online("logs", path, None, None, logs=logs, split=None)
     os.makedirs(tmp_path / "empty")

@@ -176,6 +176,10 @@ def test_split_is_checked_against_the_served_models(tmp_path):
             {"name": "B", "version": 2, "fraction": 0.5}]))), latest)
     with pytest.raises(ValueError, match="model 'other' is not served"):
         check_split_against_models(parse_split_config(json.dumps(_config(model="other"))), entries)
+    # A label arm whose version is not served fails the same way (half the units would get errors).
+    ghost = [ModelEntry("census", str(tmp_path), VersionPolicy("all"), {"stable": 7})]
+    with pytest.raises(ValueError, match=r"serves no version 7 \(label 'stable' points to it\)"):
+        check_split_against_models(parse_split_config(json.dumps(_config())), ghost)
 
 
 def test_mmoe_serve_refuses_a_bad_split_at_start_up(tmp_path, capsys):

@@ -155,11 +155,17 @@ def test_classify_and_regress_pick_a_head(stub, examples):
         assert [c.label for c in row.classes] == ["0", "1"]
         assert row.classes[1].score == pytest.approx(p, abs=1e-6)
         assert row.classes[0].score == pytest.approx(1 - p, abs=1e-6)
+    # The export's own signature names reach the same head, and the reply echoes the name asked for (TF Serving).
+    request.model_spec.signature_name = "classify_marital"
+    result = stub.Classify(request)
+    assert result.model_spec.signature_name == "classify_marital"
+    assert [row.classes[1].score for row in result.result.classifications] == pytest.approx(want["marital"], abs=1e-6)
     request = regression_pb2.RegressionRequest()
     request.model_spec.name = "plain"  # no signature name: the first head (income)
     request.input.example_list.examples.extend(parsed)
-    values = [r.value for r in stub.Regress(request).result.regressions]
-    np.testing.assert_allclose(values, want["income"], atol=1e-6)
+    response = stub.Regress(request)
+    assert response.model_spec.signature_name == "serving_default"
+    np.testing.assert_allclose([r.value for r in response.result.regressions], want["income"], atol=1e-6)
 
 
 def test_model_metadata_lists_the_signatures(stub):
@@ -249,6 +255,9 @@ BAD_REQUESTS = {
                           grpc.StatusCode.INVALID_ARGUMENT, "has no signature 'predict'"),
     "unknown output": (lambda ex, exp: predict_request("plain", examples_input(ex[:1]), output_filter=["cats"]),
                        grpc.StatusCode.INVALID_ARGUMENT, "unknown output(s) ['cats']"),
+    "repeated output": (lambda ex, exp: predict_request("plain", examples_input(ex[:1]),
+                                                       output_filter=["income", "income"]),
+                        grpc.StatusCode.INVALID_ARGUMENT, "output_filter repeats ['income']"),
     "missing feature in tf.Example": (lambda ex, exp: predict_request("plain", examples_input(
         [_example_without(ex, "age")])), grpc.StatusCode.INVALID_ARGUMENT, "Feature: age"),
     "wrong feature type in tf.Example": (lambda ex, exp: predict_request("plain", examples_input(

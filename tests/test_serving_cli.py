@@ -141,6 +141,10 @@ def test_serve_process_predict_cli_and_sigterm_drain(exports, base_path, tmp_pat
         want = exports.model.predict({k: v[:5] for k, v in exports.model_inputs.items()}, verbose=0)
         got = np.array([[float(x) for x in line.split("\t")[1:]] for line in out[1:]])
         np.testing.assert_allclose(got[:, 0], want["income"], atol=1e-5)
+        # Sent two rows a request (so three requests), the same scores in the same order.
+        assert main(["predict", "--server", address, "--model", "census", "--csv", str(csv_path),
+                     "--batch-size", "2"]) == 0
+        assert capsys.readouterr().out.splitlines() == out
         # A bad pin is a clean error, not a traceback.
         assert main(["predict", "--server", address, "--model", "census", "--version", "7",
                      "--csv", str(csv_path)]) == 1
@@ -182,6 +186,12 @@ def test_serve_process_predict_cli_and_sigterm_drain(exports, base_path, tmp_pat
      "--max-concurrent-rpcs must be >= 1"),
     (["serve", "--model-base-path", ".", "--model-name", "m", "--tensorflow-intra-op-parallelism", "-1"],
      "--tensorflow-intra-op-parallelism must be >= 0"),
+    (["serve", "--model-base-path", ".", "--model-name", "m", "--file-system-poll-wait-seconds", "-1"],
+     "--file-system-poll-wait-seconds must be >= 0"),
+    (["predict", "--server", "localhost:1", "--model", "m", "--csv", "x.csv", "--timeout", "-1"],
+     "--timeout must be > 0"),
+    (["predict", "--server", "localhost:1", "--model", "m", "--csv", "x.csv", "--server-name", "a"],
+     "needs --ca-cert"),
 ])
 def test_serve_argument_errors(argv, message, capsys):
     assert main(argv) == 2
@@ -215,3 +225,38 @@ def test_csv_reader_errors(tmp_path):
     path.write_text("age,sex\n?,Female\n")
     columns = read_csv_columns(str(path), {"age": "DT_FLOAT", "sex": "DT_STRING"})
     assert np.isnan(columns["age"][0]) and columns["sex"][0] == b"Female"
+
+
+def test_a_certificate_and_key_that_are_not_a_pem_pair_are_named(tmp_path, capsys):
+    cert, key = _self_signed(tmp_path)
+    (tmp_path / "junk.pem").write_text("not a certificate")
+    for pair in [(tmp_path / "junk.pem", key), (cert, tmp_path / "junk.pem")]:
+        assert main(["serve", "--model-base-path", ".", "--model-name", "m", "--ssl-cert", str(pair[0]),
+                     "--ssl-key", str(pair[1])]) == 2
+        assert "not a PEM certificate and its private key" in capsys.readouterr().err
+
+
+def test_csv_reader_refuses_infinite_numbers_and_reads_a_byte_order_mark(tmp_path):
+    path = tmp_path / "rows.csv"
+    for value in ("inf", "-Infinity", "1e40"):
+        path.write_text(f"age,sex\n40,Female\n{value},Male\n")
+        with pytest.raises(ValueError, match=rf"rows.csv:3: column 'age' holds '{value}', not a finite float32"):
+            read_csv_columns(str(path), {"age": "DT_FLOAT"})
+    path.write_bytes(b"\xef\xbb\xbfage,sex\n40,Female\n")
+    assert read_csv_columns(str(path), {"age": "DT_FLOAT"})["age"].tolist() == [40.0]
+
+
+def test_poll_wait_zero_polls_once_and_an_empty_base_path_is_warned_about_once(tmp_path, caplog):
+    import logging
+
+    (tmp_path / "saved_model.pb").write_bytes(b"")  # a version directory given as the base path
+    manager = ModelManager([ModelEntry("m", str(tmp_path))], poll_seconds=0)
+    with caplog.at_level(logging.WARNING, logger="mmoe.serving"):
+        manager.start()
+        manager.poll()
+    try:
+        assert not [t for t in threading.enumerate() if t.name == "model-poller"]
+        warnings = [r.getMessage() for r in caplog.records if "no numbered version directory" in r.getMessage()]
+        assert len(warnings) == 1 and "pass its parent" in warnings[0]
+    finally:
+        manager.stop()

@@ -84,6 +84,21 @@ def _outcomes(column, path: str, head: str) -> np.ndarray:
     return values
 
 
+def _head_kind(head: str, outcomes: np.ndarray, scores: np.ndarray, path: str) -> str:
+    """BINARY when every outcome is 0 or 1, else REGRESSION: the logs do not record the head's kind. A head that
+    looks binary (every score a probability, nearly every outcome 0 or 1) with a few other outcomes is a mistake in
+    the outcomes file, not a regression head: judging it by RMSE would be a silent switch of metric."""
+    is_01 = (outcomes == 0) | (outcomes == 1)
+    if len(outcomes) and is_01.all():
+        return stats.BINARY
+    if len(outcomes) and is_01.mean() >= 0.9 and np.all((scores >= 0) & (scores <= 1)):
+        odd = np.unique(outcomes[~is_01])
+        raise ValueError(f"--labels {path}: head {head!r} looks binary (its scores are probabilities and "
+                         f"{is_01.mean():.1%} of its outcomes are 0 or 1) but has {int((~is_01).sum()):,} other "
+                         f"outcome(s) (e.g. {[float(v) for v in odd[:3]]}); a binary head takes 0/1 only")
+    return stats.REGRESSION
+
+
 def _is_number(text: str) -> bool:
     try:
         float(text)
@@ -197,7 +212,7 @@ def evaluate_online(log_dir: str, labels_path: str, key: Optional[str] = None, o
             known = np.isfinite(y) & np.isfinite(p)
             per_arm[arm_name] = (y[known], p[known], part[known.tolist()])
         ys = np.concatenate([per_arm["A"][0], per_arm["B"][0]])
-        kinds[head] = stats.BINARY if len(ys) and np.all((ys == 0) | (ys == 1)) else stats.REGRESSION
+        kinds[head] = _head_kind(head, ys, np.concatenate([per_arm["A"][1], per_arm["B"][1]]), labels_path)
         data[head] = per_arm
         inputs[head] = {"kind": kinds[head], "labels_a": per_arm["A"][0], "scores_a": per_arm["A"][1],
                         "labels_b": per_arm["B"][0], "scores_b": per_arm["B"][1]}

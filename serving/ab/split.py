@@ -275,14 +275,14 @@ def check_split_against_models(split: TrafficSplit, entries: Sequence["ModelEntr
     served: Optional[List[int]] = None
     for arm in split.arms:
         where = f"split config: arm {arm.name!r}"
-        if arm.label is not None:
-            if arm.label not in entry.labels:
-                raise ValueError(f"{where}: model {split.model!r} has no version label {arm.label!r}; "
-                                 f"labels: {sorted(entry.labels)} (version_labels in --model-config-file)")
-            continue
+        if arm.label is not None and arm.label not in entry.labels:
+            raise ValueError(f"{where}: model {split.model!r} has no version label {arm.label!r}; "
+                             f"labels: {sorted(entry.labels)} (version_labels in --model-config-file)")
         if served is None:
             on_disk = sorted(versions_on_disk(entry.base_path))
             served = entry.policy.select(on_disk)
-        if arm.version not in served:
-            raise ValueError(f"{where}: model {split.model!r} serves no version {arm.version}; versions the "
+        version = arm.version if arm.label is None else entry.labels[arm.label]
+        if version not in served:  # the arm's share of traffic would all fail
+            via = "" if arm.label is None else f" (label {arm.label!r} points to it)"
+            raise ValueError(f"{where}: model {split.model!r} serves no version {version}{via}; versions the "
                              f"policy serves from {entry.base_path}: {served}")

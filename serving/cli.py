@@ -74,6 +74,56 @@ def add_commands(subparsers) -> None:
                          help="rows per request (at most the server's --max-request-batch)")
     predict.set_defaults(func=cmd_predict)
 
+    export = subparsers.add_parser(
+        "export", help="export an `mmoe train` run as a servable version (TF Serving's layout)",
+        description="Write the run's model with its tf.Transform graph as one SavedModel under "
+                    "BASE_PATH/VERSION (serving/README.md, Export), which `mmoe serve --model-base-path BASE_PATH` "
+                    "(or tensorflow_model_server) then loads.")
+    export.add_argument("run", metavar="RUN_DIR", help="an `mmoe train --out` directory")
+    export.add_argument("--base-path", required=True, metavar="DIR", help="the model's directory of versions")
+    export.add_argument("--version", type=int, help="version number (default: one past the newest in DIR)")
+    export.add_argument("--no-xla", action="store_true",
+                        help="plain TensorFlow expert dispatch (TF Serving GPU builds, tensorflow/serving#2214)")
+    export.set_defaults(func=cmd_export)
+
+
+def cmd_export(args) -> int:
+    export_dir = export_run(args.run, args.base_path, version=args.version, xla=not args.no_xla)
+    print(f"wrote {export_dir}\nserve it with: mmoe serve --model-base-path {os.path.dirname(export_dir)} "
+          f"--model-name NAME")
+    return 0
+
+
+def export_run(run_dir: str, base_path: str, version=None, xla: bool = True) -> str:
+    """An `mmoe train` run (model.keras, transform/, run_config.json) as BASE_PATH/VERSION; returns that path."""
+    import json
+
+    from serving.models import versions_on_disk
+
+    needed = ["model.keras", "transform", "run_config.json"]
+    missing = [n for n in needed if not os.path.exists(os.path.join(run_dir, n))]
+    if missing:
+        raise FileNotFoundError(f"{run_dir}: not a finished `mmoe train` run (no {', '.join(missing)})")
+    if version is None:
+        version = max(versions_on_disk(base_path), default=0) + 1
+    if version < 1:
+        raise ValueError(f"--version must be >= 1, got {version}")
+    export_dir = os.path.join(base_path, str(version))
+    if os.path.exists(export_dir):
+        raise FileExistsError(f"{export_dir} exists: versions are immutable once served; give another --version")
+
+    import keras
+
+    import mmoe  # noqa: F401  (registers the model's layers for loading)
+    from features.spec import dataset_spec_from_dict
+    from serving.export import export_serving_model
+
+    with open(os.path.join(run_dir, "run_config.json")) as fh:
+        spec = dataset_spec_from_dict(json.load(fh)["dataset"], source=f"{run_dir}/run_config.json")
+    model = keras.saving.load_model(os.path.join(run_dir, "model.keras"))  # safe_mode stays on
+    return export_serving_model(model, os.path.join(run_dir, "transform"), spec, export_dir, xla=xla,
+                                with_gates=True)
+
 
 def _read(path: str, what: str) -> bytes:
     if not os.path.isfile(path):

@@ -275,3 +275,36 @@ def test_spec_with_also_bucketize_and_crosses_exports_and_matches_keras(tmp_path
     got = _call_examples(tf.saved_model.load(export_dir), example_bytes(rows, spec))
     for task in spec.task_names:
         np.testing.assert_allclose(got[task], want[task], atol=1e-5, err_msg=task)
+
+
+def test_mmoe_export_turns_a_train_run_into_numbered_versions(tmp_path, capsys):
+    import keras
+    import tensorflow_transform as tft
+
+    from features.census import CENSUS_SAMPLE_PATH, census_spec
+    from features.io import read_dataset
+    from pipelines.cli import main
+
+    run, base = tmp_path / "run", tmp_path / "models" / "census"
+    assert main(["train", "--data", str(CENSUS_SAMPLE_PATH), "--out", str(run), "--epochs", "1",
+                 "--num-experts", "2", "--expert-units", "8", "--tower-units", "4"]) == 0
+    assert main(["export", str(run), "--base-path", str(base)]) == 0
+    assert f"wrote {base / '1'}" in capsys.readouterr().out
+    assert main(["export", str(run), "--base-path", str(base), "--no-xla"]) == 0  # the next version
+    assert sorted(os.listdir(base)) == ["1", "2"]
+    assert json.loads((base / "2" / "assets.extra" / EXPORT_INFO_FILE).read_text())["xla"] is False
+    # Version 1 serves what the run's model computes on the run's own transform.
+    spec = census_spec(1)
+    rows = read_dataset(CENSUS_SAMPLE_PATH, spec).iloc[:25]
+    transform = tft.TFTransformOutput(str(run / "transform")).transform_features_layer()
+    transformed = transform({k: tf.constant(v) for k, v in raw_columns(rows, spec).items()})
+    model = keras.saving.load_model(run / "model.keras")
+    want = model.predict({name: transformed[name] for name in model.input}, verbose=0)
+    got = _call_examples(tf.saved_model.load(str(base / "1")), example_bytes(rows, spec))
+    for task in spec.task_names:
+        np.testing.assert_allclose(got[task], want[task], atol=1e-5, err_msg=task)
+    # A version is never overwritten, and a directory that is not a finished run is named.
+    assert main(["export", str(run), "--base-path", str(base), "--version", "1"]) == 2
+    assert "versions are immutable" in capsys.readouterr().err
+    assert main(["export", str(tmp_path / "models"), "--base-path", str(base)]) == 2
+    assert "not a finished `mmoe train` run (no model.keras, transform, run_config.json)" in capsys.readouterr().err

@@ -88,6 +88,7 @@ def add_commands(subparsers) -> None:
 
 
 def cmd_export(args) -> int:
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's start-up chatter says nothing to this user
     export_dir = export_run(args.run, args.base_path, version=args.version, xla=not args.no_xla)
     print(f"wrote {export_dir}\nserve it with: mmoe serve --model-base-path {os.path.dirname(export_dir)} "
           f"--model-name NAME")
@@ -243,6 +244,7 @@ def cmd_serve(args) -> int:
 
 
 def cmd_predict(args) -> int:
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # the client imports TensorFlow's protos, and its chatter
     import grpc
 
     from serving.client import ModelClient, format_scores

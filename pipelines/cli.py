@@ -123,8 +123,16 @@ def _dataset_spec(args):
     from features.spec import load_dataset_spec
 
     if args.config:
+        _check_file(args.config, "--config")
         return load_dataset_spec(args.config)
     return census_spec(args.task_group)
+
+
+def _check_file(path: str, flag: str) -> None:
+    if Path(path).is_dir():
+        raise IsADirectoryError(f"{flag} {path}: a directory, not a file")
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{flag} {path}: no such file")
 
 
 def cmd_train(args) -> int:
@@ -139,8 +147,7 @@ def cmd_train(args) -> int:
     spec = _dataset_spec(args)
     config = model_config_from_args(args)
     for path in args.data:
-        if not Path(path).is_file():
-            raise FileNotFoundError(f"--data {path}: no such file")
+        _check_file(path, "--data")
     train_run(spec, args.data, args.out, config, settings, overwrite=args.overwrite)
     return 0
 
@@ -161,8 +168,7 @@ def cmd_data_export(args) -> int:
     from pipelines.train_local import export_arrays, parse_split
 
     for path in args.data:
-        if not Path(path).is_file():
-            raise FileNotFoundError(f"--data {path}: no such file")
+        _check_file(path, "--data")
     export_arrays(_dataset_spec(args), args.data, args.out, parse_split(args.split), args.seed,
                   overwrite=args.overwrite)
     return 0

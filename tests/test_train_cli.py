@@ -152,7 +152,12 @@ def _run_error(args, capsys):
 
 def test_missing_data_file_is_a_clear_error(tmp_path, capsys):
     err = _run_error(["train", "--data", str(tmp_path / "nope.csv"), "--out", str(tmp_path / "o")], capsys)
-    assert "nope.csv" in err
+    assert "--data" in err and "nope.csv: no such file" in err
+    err = _run_error(["train", "--data", str(tmp_path), "--out", str(tmp_path / "o")], capsys)
+    assert "a directory, not a file" in err
+    err = _run_error(["train", "--data", str(tmp_path / "nope.csv"), "--config", str(tmp_path / "spec.yaml"),
+                      "--out", str(tmp_path / "o")], capsys)
+    assert "--config" in err and "spec.yaml: no such file" in err
 
 
 def test_empty_file_is_a_clear_error(tmp_path, capsys):

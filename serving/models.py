@@ -182,6 +182,11 @@ class Signature:
                               f"expected {list(dims)} (None = any size)")
             if shape:
                 sizes.add(shape[0])
+            if self.name == _raw_signature() and value.dtype.kind == "f" and np.isinf(value).any():
+                # Our exports read NaN as a missing value; an infinite one has no meaning and would score anyway.
+                row = int(np.flatnonzero(np.isinf(np.ravel(value)))[0])
+                raise invalid(f"signature {self.name!r}: input {name!r} holds an infinite value (row {row}); "
+                              f"numbers must be finite (NaN: missing)")
         if len(sizes) > 1:
             raise invalid(f"signature {self.name!r}: inputs have different batch sizes {sorted(sizes)}")
         size = sizes.pop() if sizes else 1
@@ -191,6 +196,12 @@ class Signature:
             raise ServingError(grpc.StatusCode.RESOURCE_EXHAUSTED,
                                f"batch of {size} examples exceeds the server's limit of {max_batch} per request")
         return size
+
+
+def _raw_signature() -> str:
+    from serving.export import PREDICT_RAW  # loaded with TensorFlow by the first Servable
+
+    return PREDICT_RAW
 
 
 class Servable:

@@ -264,6 +264,9 @@ BAD_REQUESTS = {
         [_example_with_wrong_type(ex, "age")])), grpc.StatusCode.INVALID_ARGUMENT, "age"),
     "malformed tf.Example": (lambda ex, exp: predict_request("plain", examples_input([b"\xff\x00garbage"])),
                              grpc.StatusCode.INVALID_ARGUMENT, "Could not parse example input"),
+    "infinite raw input": (lambda ex, exp: predict_request("plain", _raw(exp, age=tf.make_tensor_proto(
+        np.array([40.0, np.inf], np.float32))), signature="predict_raw"),
+                           grpc.StatusCode.INVALID_ARGUMENT, "input 'age' holds an infinite value (row 1)"),
     "missing raw input": (lambda ex, exp: predict_request("plain", _raw(exp, age=None), signature="predict_raw"),
                           grpc.StatusCode.INVALID_ARGUMENT, "missing input(s) ['age']"),
     "unknown raw input": (lambda ex, exp: predict_request("plain", _raw(exp, colour=tf.make_tensor_proto([b"r", b"g"])),

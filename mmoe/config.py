@@ -230,6 +230,11 @@ class ModelConfig:
             raise ValueError(f"gate_temperature must be > 0 and finite, got {self.gate_temperature}")
         if self.gate == "noisy_top_k" and self.top_k < 1:
             raise ValueError(f"top_k must be >= 1, got {self.top_k}")
+        gated = {"mmoe": self.num_experts, "omoe": self.num_experts, "cgc": self.num_experts + self.task_experts,
+                 "ple": self.num_experts + self.task_experts}.get(self.arch)  # the experts a task's gate weighs
+        if self.gate == "noisy_top_k" and gated is not None and self.top_k > gated:
+            raise ValueError(f"top_k ({self.top_k}) is more than the {gated} experts each {self.arch} task gate "
+                             f"weighs")
         for name in ("expert_dropout", "tower_dropout"):
             if not 0 <= getattr(self, name) < 1:
                 raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")

@@ -26,6 +26,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from benchmarks.arg_types import positive_int  # noqa: E402
+
 import numpy as np  # noqa: E402
 
 TARGET_SECONDS = 60.0
@@ -76,6 +78,8 @@ def write_rows(source: str, rows: int, path: str) -> int:
     opener = gzip.open if open(source, "rb").read(2) == b"\x1f\x8b" else open
     with opener(source, "rt", encoding="latin-1") as fh:
         lines = [line for line in fh if line.strip()]
+    if not lines:
+        raise SystemExit(f"error: --data {source}: no data rows")
     out = [lines[i % len(lines)] for i in range(rows)]
     with open(path, "w") as fh:
         fh.writelines(out)
@@ -89,15 +93,20 @@ def load_average() -> str:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default="/work/shared/data/census-income/census-income.test.gz")
-    parser.add_argument("--rows", type=int, default=100_000, help="rows scored (the file is repeated if shorter)")
-    parser.add_argument("--resamples", type=int, default=1000)
-    parser.add_argument("--exports", metavar="DIR", help="build/reuse the two exports here (default: a temp dir)")
-    parser.add_argument("--out", metavar="DIR", help="report directory (default: a temp dir)")
+    parser.add_argument("--rows", type=positive_int, default=100_000, help="rows scored (the file is repeated if shorter)")
+    parser.add_argument("--resamples", type=positive_int, default=1000)
+    parser.add_argument("--exports", metavar="DIR",
+                        help="build/reuse the two exports here (default: a temporary directory, removed at the end)")
+    parser.add_argument("--out", metavar="DIR", help="report directory (default: a temporary one, removed)")
     args = parser.parse_args(argv)
     if not os.path.isfile(args.data):
         parser.error(f"--data {args.data}: no such file")
 
-    work = tempfile.mkdtemp(prefix="ab-eval-bench-")
+    with tempfile.TemporaryDirectory(prefix="ab-eval-bench-") as work:  # exports, rows and report unless given
+        return measure(args, work)
+
+
+def measure(args, work: str) -> int:
     started = time.time()
     a, b = build_exports(args.exports or os.path.join(work, "exports"))
     print(f"exports ready in {time.time() - started:.1f} s: A={a} B={b}", flush=True)

@@ -59,7 +59,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.arg_types import positive_int  # noqa: E402
 from benchmarks.run_cache import RunCache  # noqa: E402
+from mmoe.config import ARCHITECTURES  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 # MMoE paper (Ma et al. 2018) and PLE paper (Tang et al. 2020), protocol (a), best runs.
@@ -698,7 +700,7 @@ def main(argv=None):
     parser.add_argument("--groups", type=int, nargs="+", default=[1, 2], choices=[1, 2],
                         help="task groups (with --data; --arrays files name their own group)")
     parser.add_argument("--archs", nargs="+", default=["single_task", "shared_bottom", "omoe", "mmoe", "ple"])
-    parser.add_argument("--seeds", type=int, default=5)
+    parser.add_argument("--seeds", type=positive_int, default=5)
     parser.add_argument("--split-seed", type=int, default=0)
     parser.add_argument("--search", action="store_true", help="tune each architecture on validation first")
     parser.add_argument("--search-archs", nargs="+", help="search only these architectures; the others take "
@@ -711,8 +713,8 @@ def main(argv=None):
                         help="--refine scores each point on the mean main-task validation AUC of seeds 0..N-1 "
                         "(default 2, as in the published tables: one seed's noise is as large as the differences "
                         "the refine chooses between)")
-    parser.add_argument("--epochs", type=int, default=40)
-    parser.add_argument("--patience", type=int, default=4)
+    parser.add_argument("--epochs", type=positive_int, default=40)
+    parser.add_argument("--patience", type=positive_int, default=4)
     parser.add_argument("--no-anchor", action="store_true")
     parser.add_argument("--anchor-numeric", nargs="+", default=["zscore"], choices=["zscore", "both", "buckets"],
                         help="numeric inputs of the anchor (see TRAIN_DEFAULTS['numeric']); with several, each task "
@@ -737,6 +739,14 @@ def main(argv=None):
     parser.add_argument("--out", default=str(RESULTS / "census_quality.json"),
                         help="the report (JSON); its figure goes beside it with .png (with --plot: the figure only)")
     args = parser.parse_args(argv)
+    unknown = sorted(set(args.archs) - set(ARCHITECTURES))
+    if unknown:
+        parser.error(f"--archs: unknown {unknown}; choose from {list(ARCHITECTURES)}")
+    for path in (args.arrays or []) + (args.data or []):
+        if not os.path.isfile(path):
+            parser.error(f"{path}: no such file")
+    if args.data and len(args.data) > 2:
+        parser.error(f"--data takes one file (protocol b) or two (protocol a), got {len(args.data)}")
     if args.select_seeds < 1:
         parser.error(f"--select-seeds must be >= 1, got {args.select_seeds}")
     if args.significance and args.no_anchor:
@@ -753,7 +763,10 @@ def main(argv=None):
             parser.error(f"--plot: {err}")
         print(f"wrote {png}")
         return 0
-    cache = RunCache(args.cache, fresh=args.fresh)
+    try:
+        cache = RunCache(args.cache, fresh=args.fresh)
+    except ValueError as err:
+        parser.error(str(err))
     report = {"protocol": None, "groups": {}, "command": " ".join(sys.argv), "select_seeds": args.select_seeds}
     with tempfile.TemporaryDirectory() as workdir:
         sources = ([("arrays", p) for p in args.arrays] if args.arrays

@@ -26,6 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
 
+from benchmarks.arg_types import existing_file, positive_int  # noqa: E402
+
 # Dense peak TFLOP/s (bf16, fp32 via TF32 tensor cores) from the vendors' data sheets.
 KNOWN_PEAKS = {"H100": (989.0, 494.0), "H200": (989.0, 494.0), "A100": (312.0, 156.0)}
 
@@ -105,16 +107,21 @@ def throughput(model_name, arrays, batch_size, mixed, steps, warmup=3):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--arrays", required=True, help=".npz from `mmoe data export`")
+    parser.add_argument("--arrays", required=True, type=existing_file, help=".npz from `mmoe data export`")
     parser.add_argument("--models", nargs="+", default=["paper_8x16", "large_16x64"])
-    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1024, 4096, 16384, 65536])
+    parser.add_argument("--batch-sizes", type=positive_int, nargs="+", default=[1024, 4096, 16384, 65536])
     parser.add_argument("--precisions", nargs="+", default=["float32", "bf16"], choices=["float32", "bf16"])
-    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--steps", type=positive_int, default=50)
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "gpu_train.json"))
     args = parser.parse_args(argv)
     import keras
     if keras.backend.backend() != "jax":
         raise SystemExit("gpu_train.py runs on the JAX backend: set KERAS_BACKEND=jax")
+    from benchmarks.train_speed import MODELS
+
+    unknown = sorted(set(args.models) - set(MODELS))
+    if unknown:
+        parser.error(f"--models: unknown {unknown}; choose from {sorted(MODELS)}")
 
     results = []
     for model_name in args.models:

@@ -31,6 +31,7 @@ sys.path.insert(0, ROOT)
 
 import numpy as np  # noqa: E402
 
+from benchmarks.arg_types import positive_int  # noqa: E402
 from benchmarks.serving import exports_from_run, start_server  # noqa: E402
 
 
@@ -157,11 +158,15 @@ def main(argv=None) -> int:
     parser.add_argument("--no-serving", action="store_true", help="measure training only")
     parser.add_argument("--arrays", help=".npz from `mmoe data export`: measure the training-speed worker")
     parser.add_argument("--train-data", help="a data file: measure a whole `mmoe train` job on it")
-    parser.add_argument("--batch-size", type=int, default=4096)
+    parser.add_argument("--batch-size", type=positive_int, default=4096)
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args(argv)
     if any(c < 1 for c in args.counts):
         parser.error("--counts must be >= 1")
+    if args.no_serving and not (args.arrays or args.train_data):
+        parser.error("--no-serving leaves nothing to measure: add --arrays and/or --train-data")
+    if args.no_serving and args.run:
+        parser.error("--run is the model to serve; it means nothing with --no-serving")
 
     from serving.testing import example_bytes
 

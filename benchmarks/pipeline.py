@@ -35,6 +35,10 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "pipeline.json"))
     parser.add_argument("beam_args", nargs=argparse.REMAINDER)
     args = parser.parse_args(argv)
+    if args.train_steps is not None and args.train_steps < 1:
+        parser.error(f"--train-steps must be >= 1, got {args.train_steps}")
+    if args.workdir and os.path.exists(args.workdir) and not os.path.isdir(args.workdir):
+        parser.error(f"--workdir {args.workdir}: a file, not a directory")
     if not os.path.isfile(args.data):
         print(f"error: --data {args.data}: no such file (the full census test file lives in ../shared/data)",
               file=sys.stderr)
@@ -44,7 +48,7 @@ def main(argv=None) -> int:
     from pipelines.local_runner import format_summary, run_local
 
     config = make_config()
-    if args.train_steps:
+    if args.train_steps is not None:
         config.train.train_steps = args.train_steps
     beam_args = [a for a in args.beam_args if a != "--"] or None
     workdir = args.workdir or tempfile.mkdtemp(prefix="mmoe-pipeline-bench-")

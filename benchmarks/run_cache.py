@@ -17,7 +17,16 @@ class RunCache:
         self.path = Path(path)
         self.fresh = fresh
         self.computed = set()  # keys computed by this instance: with `fresh`, the only ones it reuses
-        self.runs = {} if fresh or not self.path.exists() else json.loads(self.path.read_text())
+        self.runs = {} if fresh or not self.path.exists() else self._read()
+
+    def _read(self) -> dict:
+        try:
+            runs = json.loads(self.path.read_text())
+        except (ValueError, OSError) as err:
+            raise ValueError(f"{self.path}: not a run cache ({err}); move it aside, or pass --fresh") from None
+        if not isinstance(runs, dict):
+            raise ValueError(f"{self.path}: not a run cache (a JSON mapping); move it aside, or pass --fresh")
+        return runs
 
     def get(self, key, compute):
         text = json.dumps(key, sort_keys=True)
@@ -30,7 +39,7 @@ class RunCache:
         with open(self.path.with_suffix(".lock"), "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             if self.path.exists():
-                self.runs.update(json.loads(self.path.read_text()))
+                self.runs.update(self._read())
             self.runs[text] = result
             self.computed.add(text)
             tmp = self.path.with_suffix(f".{os.getpid()}.tmp")

@@ -37,6 +37,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from benchmarks.arg_types import positive_float, positive_int  # noqa: E402
+
 import numpy as np  # noqa: E402
 
 # Every gRPC cell: batch sizes 1, 32, 256 crossed with 1, 8 and 32 concurrent clients.
@@ -290,9 +292,9 @@ def _thread_clients(address, request, clients, seconds, mark):
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--run", help="a `mmoe train` output directory (default: train a tiny model)")
-    parser.add_argument("--seconds", type=float, default=3.0, help="measuring time per cell")
+    parser.add_argument("--seconds", type=positive_float, default=3.0, help="measuring time per cell")
     parser.add_argument("--batch-timeout-micros", type=int, default=2000)
-    parser.add_argument("--max-batch-size", type=int, default=256)
+    parser.add_argument("--max-batch-size", type=positive_int, default=256)
     parser.add_argument("--client", choices=["aio", "threads"], default="aio",
                         help="gRPC clients as coroutines on one asyncio loop (default) or one thread each")
     parser.add_argument("--intra-op-threads", type=int, default=0,

@@ -49,6 +49,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.arg_types import non_negative_float, positive_float, positive_int
 from benchmarks.run_cache import RunCache  # noqa: E402
 
 MODELS = {
@@ -61,13 +62,6 @@ PAPER_LR_GRID = (1e-4, 1e-3, 1e-2)
 # Winners of PAPER_LR_GRID for each model, the same at rho 0.5 and 1.0 (seed 0, 10 epochs of
 # batch 32; benchmarks/results/synthetic_lr_grid.md). Shared-Bottom is worse at 1e-2 than at 1e-3.
 LEARNING_RATES = {"shared_bottom": 1e-3, "omoe": 1e-2, "mmoe": 1e-2}
-
-
-def positive_int(text):
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
 
 
 def run(model_name, rho, seed, args, learning_rate):
@@ -150,14 +144,14 @@ def main(argv=None):
     parser.add_argument("--seeds", type=positive_int, default=3, help="runs per model and rho (seeds 0..N-1)")
     parser.add_argument("--n", type=positive_int, default=10_000, help="training examples per run")
     parser.add_argument("--dim", type=positive_int, default=100, help="input dimension d (paper: 100)")
-    parser.add_argument("--num-sin", type=int, default=10, help="number m of sine terms")
-    parser.add_argument("--c", type=float, default=1.0, help="scale c of the weight vectors")
-    parser.add_argument("--noise", type=float, default=0.1, help="label noise std (paper: variance 0.01)")
+    parser.add_argument("--num-sin", type=positive_int, default=10, help="number m of sine terms")
+    parser.add_argument("--c", type=positive_float, default=1.0, help="scale c of the weight vectors")
+    parser.add_argument("--noise", type=non_negative_float, default=0.1, help="label noise std (paper: variance 0.01)")
     parser.add_argument("--epochs", type=positive_int, default=10)
     parser.add_argument("--batch-size", type=positive_int, default=32)
-    parser.add_argument("--learning-rate", type=float, default=None,
+    parser.add_argument("--learning-rate", type=positive_float, default=None,
                         help="one Adam learning rate for every model (default: LEARNING_RATES)")
-    parser.add_argument("--lr-grid", type=float, nargs="+", default=None,
+    parser.add_argument("--lr-grid", type=positive_float, nargs="+", default=None,
                         help=f"grid-search the learning rate per model and rho, as the paper does "
                              f"(its grid: {' '.join(map(str, PAPER_LR_GRID))})")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
@@ -177,7 +171,10 @@ def main(argv=None):
     command = f"KERAS_BACKEND={keras.backend.backend()} python benchmarks/synthetic.py {shlex.join(argv)}".rstrip()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    cache = RunCache(args.cache or out / "synthetic_runs.json", fresh=args.fresh)
+    try:
+        cache = RunCache(args.cache or out / "synthetic_runs.json", fresh=args.fresh)
+    except ValueError as err:
+        parser.error(str(err))
     steps_per_epoch = math.ceil(args.n / args.batch_size)
     started_all = time.time()
     runs, params, chosen_lr, grid, trained, total_runs = {}, {}, {}, {}, 0, 0

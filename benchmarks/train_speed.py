@@ -30,6 +30,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.arg_types import existing_file, positive_int  # noqa: E402
+
 MODELS = {
     "paper_8x16": dict(arch="mmoe", num_experts=8, expert_units=(16,), tower_units=(8,)),
     "large_16x64": dict(arch="mmoe", num_experts=16, expert_units=(64,), tower_units=(32,)),
@@ -177,18 +179,18 @@ def table(results, peak_gflops) -> str:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--arrays", required=True, help=".npz from `mmoe data export`")
+    parser.add_argument("--arrays", required=True, type=existing_file, help=".npz from `mmoe data export`")
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
-    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[256, 1024, 4096, 8192])
+    parser.add_argument("--batch-sizes", type=positive_int, nargs="+", default=[256, 1024, 4096, 8192])
     parser.add_argument("--backends", nargs="+", default=["tf-xla", "tf", "jax"], choices=["tf-xla", "tf", "jax"])
-    parser.add_argument("--ablation-batch-size", type=int, default=4096,
+    parser.add_argument("--ablation-batch-size", type=positive_int, default=4096,
                         help="batch size of the fused-vs-loop ablation (TF with XLA)")
-    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--epochs", type=positive_int, default=3)
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "train_speed.json"))
     # Worker mode (one configuration in this process).
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--model", default="paper_8x16", help=argparse.SUPPRESS)
-    parser.add_argument("--batch-size", type=int, default=1024, help=argparse.SUPPRESS)
+    parser.add_argument("--batch-size", type=positive_int, default=1024, help=argparse.SUPPRESS)
     parser.add_argument("--experts", default="fused", choices=["fused", "loop"], help=argparse.SUPPRESS)
     parser.add_argument("--lookup", default="auto", choices=["auto", "gather", "matmul"], help=argparse.SUPPRESS)
     parser.add_argument("--no-xla", action="store_true", help=argparse.SUPPRESS)

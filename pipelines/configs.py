@@ -30,7 +30,7 @@ import os
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional
 
-from mmoe.config import dataclass_from_mapping
+from mmoe.config import dataclass_from_mapping, typed_value
 
 DEFAULT_BEAM_ARGS = ("--direct_running_mode=multi_processing", "--direct_num_workers=0")
 
@@ -63,6 +63,10 @@ class TrainConfig:
         for name in ("train_steps", "batch_size", "steps_per_epoch"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+        if int(self.patience) < 0:
+            raise ValueError(f"train.patience must be >= 0, got {self.patience}")
+        if not 0 <= int(self.seed) < 2 ** 32:
+            raise ValueError(f"train.seed must be in [0, 2**32), got {self.seed}")
         if self.eval_steps is not None and int(self.eval_steps) < 1:
             raise ValueError(f"train.eval_steps must be >= 1 or null, got {self.eval_steps}")
         try:
@@ -103,6 +107,13 @@ class EvaluationConfig:
             raise ValueError(f"evaluation.auc_floor must be in [0, 1], got {self.auc_floor}")
         if float(self.max_auc_drop) < 0:
             raise ValueError(f"evaluation.max_auc_drop must be >= 0, got {self.max_auc_drop}")
+        for task, floor in self.auc_floors.items():  # a floor above 1 could never bless a model
+            if not 0 <= float(floor) <= 1:
+                raise ValueError(f"evaluation.auc_floors.{task} must be in [0, 1], got {floor}")
+        if self.rmse_ceiling is not None and not float(self.rmse_ceiling) > 0:
+            raise ValueError(f"evaluation.rmse_ceiling must be > 0 or null, got {self.rmse_ceiling}")
+        if self.max_rmse_increase is not None and not float(self.max_rmse_increase) >= 0:
+            raise ValueError(f"evaluation.max_rmse_increase must be >= 0 or null, got {self.max_rmse_increase}")
 
 
 @dataclasses.dataclass
@@ -114,6 +125,20 @@ class TunerConfig:
     gate_temperature: List[float] = dataclasses.field(default_factory=lambda: [0.5, 2.0])
     learning_rate: List[float] = dataclasses.field(default_factory=lambda: [3e-4, 3e-3])
     steps_per_trial: Optional[int] = None
+
+    def __post_init__(self):
+        if int(self.max_trials) < 1:
+            raise ValueError(f"tuner.max_trials must be >= 1, got {self.max_trials}")
+        for name in ("num_experts", "expert_units"):  # choices
+            values = getattr(self, name)
+            if not values or any(int(v) < 1 for v in values):
+                raise ValueError(f"tuner.{name} must list one or more positive integers, got {values}")
+        for name in ("gate_temperature", "learning_rate"):  # log-uniform ranges
+            values = getattr(self, name)
+            if len(values) != 2 or not 0 < float(values[0]) <= float(values[1]) < float("inf"):
+                raise ValueError(f"tuner.{name} must be a range [low, high] with 0 < low <= high, got {values}")
+        if self.steps_per_trial is not None and int(self.steps_per_trial) < 1:
+            raise ValueError(f"tuner.steps_per_trial must be >= 1 or null, got {self.steps_per_trial}")
 
     def module_settings(self) -> Dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -147,6 +172,9 @@ class PipelineConfig:
         from features.spec import dataset_spec_from_dict
         from mmoe import ModelConfig
 
+        for name in ("pipeline_name", "model_name"):
+            typed_value(getattr(self, name), str, name)
+        self.beam_args = typed_value(self.beam_args, List[str], "beam_args")  # a string is not a list of args
         self.train = _section(TrainConfig, self.train, "train")
         self.split = _section(SplitConfig, self.split, "split")
         self.evaluation = _section(EvaluationConfig, self.evaluation, "evaluation")
@@ -161,6 +189,9 @@ class PipelineConfig:
         unknown = sorted(set(self.evaluation.auc_floors) - set(spec.task_names))
         if unknown:
             raise ValueError(f"evaluation.auc_floors names unknown task(s) {unknown}; tasks are {spec.task_names}")
+        if self.split.partition_feature is not None and self.split.partition_feature not in spec.columns:
+            raise ValueError(f"split.partition_feature {self.split.partition_feature!r} is not a column of the "
+                             f"dataset ({list(spec.columns)})")
         for s in self.evaluation.slices:
             if s not in spec.used_columns:
                 raise ValueError(f"evaluation.slices: {s!r} is not a column the dataset uses ({spec.used_columns})")
@@ -168,7 +199,6 @@ class PipelineConfig:
             value = getattr(self, name)
             if not value or not all(c.isalnum() or c in "-_" for c in value):
                 raise ValueError(f"{name} must be letters, digits, '-' or '_', got {value!r}")
-        self.beam_args = [str(a) for a in self.beam_args]
 
     @property
     def spec(self):
@@ -199,11 +229,14 @@ def dataset_from_section(section: Any, base_dir: str = ".") -> Dict[str, Any]:
             raise ValueError("config section 'dataset' takes either 'spec: PATH' or 'task_group: N', "
                              f"or an inline spec; got keys {sorted(section)}")
         if "spec" in section:
-            path = section["spec"]
+            path = typed_value(section["spec"], str, "dataset.spec")
             if not os.path.isabs(path):
                 path = os.path.join(base_dir, path)
             return dataset_spec_to_dict(load_dataset_spec(path))
-        return dataset_spec_to_dict(census_spec(int(section["task_group"])))
+        group = section["task_group"]
+        if group not in (1, 2) or isinstance(group, bool):
+            raise ValueError(f"dataset.task_group must be 1 or 2, got {group!r}")
+        return dataset_spec_to_dict(census_spec(group))
     from features.spec import dataset_spec_from_dict
 
     return dataset_spec_to_dict(dataset_spec_from_dict(dict(section), source="config 'dataset'"))
@@ -211,10 +244,15 @@ def dataset_from_section(section: Any, base_dir: str = ".") -> Dict[str, Any]:
 
 def load_config_file(path: str) -> Dict[str, Any]:
     """Read a YAML/JSON config; a bare DatasetSpec file becomes {'dataset': spec}."""
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"--config {path}: a directory, not a file")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"--config {path}: no such file")
-    text = Path(path).read_text()
-    if path.endswith((".yaml", ".yml")):
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ValueError(f"--config {path}: not a text file (YAML or JSON)") from None
+    if path.lower().endswith((".yaml", ".yml")):
         import yaml
 
         try:

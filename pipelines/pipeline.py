@@ -77,12 +77,19 @@ def import_schema(pipeline_root: str, schema_file: str) -> str:
 
     if not os.path.isfile(schema_file):
         raise FileNotFoundError(f"--schema {schema_file}: no such file")
-    with open(schema_file) as fh:
-        text = fh.read()
     try:
-        text_format.Parse(text, schema_pb2.Schema())
+        with open(schema_file, encoding="utf-8") as fh:
+            text = fh.read()
+    except UnicodeDecodeError:
+        raise ValueError(f"--schema {schema_file}: not a text file (a text-format tensorflow_metadata Schema)") \
+            from None
+    schema = schema_pb2.Schema()
+    try:
+        text_format.Parse(text, schema)
     except text_format.ParseError as e:
         raise ValueError(f"--schema {schema_file}: not a text-format tensorflow_metadata Schema: {e}") from None
+    if not schema.feature:  # an empty file parses, and would check nothing
+        raise ValueError(f"--schema {schema_file}: the schema lists no feature")
     return _stable_copy(os.path.join(pipeline_root, "schema"), "curated", text)
 
 

@@ -65,6 +65,7 @@ def add_commands(subparsers) -> None:
                     "categorical inputs open to new values).  Edit it and pass it to `mmoe pipeline run --schema "
                     "FILE` to validate later data against it instead of re-inferring.")
     schema.add_argument("--out", required=True, metavar="FILE", help="where to write the text-format schema")
+    schema.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     schema.add_argument("--pipeline-root", default=DEFAULT_PIPELINE_ROOT, metavar="DIR",
                         help=f"the run's pipeline root (default {DEFAULT_PIPELINE_ROOT})")
     schema.add_argument("--metadata", metavar="FILE",
@@ -118,6 +119,7 @@ def cmd_pipeline_run(args) -> int:
 
     from pipelines.local_runner import format_summary, run_local
 
+    check_local_paths(args)
     print(f"pipeline {config.pipeline_name}: data {args.data}, root {args.pipeline_root}, "
           f"serving {args.serving_dir}, {config.train.train_steps} train steps, "
           f"beam {' '.join(config.beam_args)}", flush=True)
@@ -131,12 +133,38 @@ def cmd_pipeline_run(args) -> int:
     return 0
 
 
+def check_local_paths(args) -> None:
+    """What a local run would otherwise find wrong only at the end (the Pusher) or after making junk folders."""
+    for flag, path in (("--pipeline-root", args.pipeline_root), ("--serving-dir", args.serving_dir),
+                       ("--metadata", args.metadata), ("--data", args.data)):
+        if path and "://" in path:  # os.makedirs would make a local "gs:" folder
+            raise ValueError(f"{flag} {path}: the local runner needs local paths; remote storage is for the "
+                             f"pipeline compiled with --compile kubeflow")
+    for flag, path in (("--pipeline-root", args.pipeline_root), ("--serving-dir", args.serving_dir)):
+        if os.path.exists(path) and not os.path.isdir(path):
+            raise NotADirectoryError(f"{flag} {path}: a file, not a directory")
+    if args.metadata and os.path.isdir(args.metadata):
+        raise IsADirectoryError(f"--metadata {args.metadata}: a directory; it names the SQLite file")
+    if os.path.isdir(args.data):
+        if not any(not name.startswith(".") and os.path.isfile(os.path.join(args.data, name))
+                   for name in os.listdir(args.data)):
+            raise FileNotFoundError(f"--data {args.data}: the directory holds no data file")
+    elif os.path.getsize(args.data) == 0:
+        raise ValueError(f"--data {args.data}: an empty file")
+
+
 def cmd_pipeline_schema(args) -> int:
     import shutil
 
     from pipelines.local_runner import RunSummary, summarise
 
     metadata = args.metadata or os.path.join(args.pipeline_root, "metadata.sqlite")
+    out = os.path.abspath(args.out)
+    if out == os.path.abspath(metadata) or out.startswith(os.path.abspath(args.pipeline_root) + os.sep):
+        raise ValueError(f"--out {args.out}: inside the pipeline root (or its metadata store), which the pipeline "
+                         f"owns; write the schema somewhere else")
+    if os.path.exists(out) and not args.overwrite:
+        raise FileExistsError(f"--out {args.out} exists; pass --overwrite to replace it")
     if not os.path.isfile(metadata):
         raise FileNotFoundError(f"{metadata}: no ML Metadata store; run `mmoe pipeline run` with this "
                                 f"--pipeline-root first")
@@ -145,8 +173,7 @@ def cmd_pipeline_schema(args) -> int:
     if not summary.schema_path or not os.path.isfile(summary.schema_path):
         raise FileNotFoundError(f"the last run of pipeline {args.pipeline_name!r} in {metadata} produced no schema "
                                 f"(it stopped before SchemaGen); run `mmoe pipeline run` again")
-    if os.path.dirname(os.path.abspath(args.out)):
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    os.makedirs(os.path.dirname(out), exist_ok=True)
     shutil.copyfile(summary.schema_path, args.out)
     kind = "inferred and held to the dataset spec" if summary.schema_inferred else "curated"
     print(f"wrote {args.out}: the schema of run {summary.run_id} ({kind}, from {summary.schema_path}); "

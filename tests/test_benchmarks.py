@@ -687,3 +687,31 @@ def test_gpu_train_runs_on_cpu_with_the_same_flags_and_its_step_trains(tmp_path)
     proc = subprocess.run([sys.executable, script, *flags], capture_output=True, text=True, timeout=300,
                           env={**os.environ, "KERAS_BACKEND": "tensorflow"}, cwd=tmp_path)
     assert proc.returncode != 0 and "KERAS_BACKEND=jax" in proc.stderr
+
+
+@pytest.mark.parametrize("script, argv, message", [
+    ("census_quality", ["--arrays", "ARRAYS", "--seeds", "0"], "--seeds: must be >= 1"),
+    ("census_quality", ["--arrays", "ARRAYS", "--archs", "nope"], "--archs: unknown ['nope']"),
+    ("census_quality", ["--arrays", "MISSING"], "no such file"),
+    ("census_quality", ["--arrays", "ARRAYS", "--cache", "BADCACHE"], "not a run cache"),
+    ("train_speed", ["--arrays", "ARRAYS", "--batch-sizes", "0"], "--batch-sizes: must be >= 1"),
+    ("train_speed", ["--arrays", "MISSING"], "no such file"),
+    ("synthetic", ["--noise", "-1"], "--noise: must be >= 0"),
+    ("synthetic", ["--lr-grid", "0"], "--lr-grid: must be > 0"),
+    ("serving", ["--seconds", "-1"], "--seconds: must be > 0"),
+    ("memory", ["--no-serving"], "nothing to measure"),
+    ("pipeline", ["--train-steps", "0"], "--train-steps must be >= 1"),
+    ("ab_eval", ["--rows", "0"], "--rows: must be >= 1"),
+])
+def test_benchmark_scripts_refuse_bad_arguments_before_any_work(script, argv, message, tmp_path, capsys):
+    import importlib
+
+    (tmp_path / "arrays.npz").write_bytes(b"")
+    (tmp_path / "bad.json").write_text("{not json")
+    paths = {"ARRAYS": tmp_path / "arrays.npz", "MISSING": tmp_path / "missing.npz", "BADCACHE": tmp_path / "bad.json"}
+    argv = [str(paths.get(a, a)) for a in argv] + (["--out", str(tmp_path / "out.json")] if script == "census_quality"
+                                                   else [])
+    with pytest.raises(SystemExit) as exit_info:
+        importlib.import_module(f"benchmarks.{script}").main(argv)
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "out.json").exists()

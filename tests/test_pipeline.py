@@ -303,6 +303,61 @@ def test_cli_errors_are_clear(tmp_path, capsys):
     bad.write_text("train: {train_steps: 0}\n")
     assert main(["pipeline", "run", "--data", CENSUS_SAMPLE_PATH, "--config", str(bad)]) == 2
     assert "train_steps must be >= 1" in capsys.readouterr().err
+    # Paths a local run would find wrong only at the end, or after making a junk "gs:" folder in the working dir.
+    (tmp_path / "a_file").write_text("x")
+    (tmp_path / "empty.data").write_text("")
+    (tmp_path / "empty_dir").mkdir()
+    for flags, message in [
+            (["--pipeline-root", "gs://bucket/root"], "the local runner needs local paths"),
+            (["--serving-dir", str(tmp_path / "a_file")], "--serving-dir"),
+            (["--metadata", str(tmp_path)], "it names the SQLite file"),
+            (["--data", str(tmp_path / "empty.data")], "an empty file"),
+            (["--data", str(tmp_path / "empty_dir")], "holds no data file"),
+            (["--schema", str(tmp_path / "empty.data")], "lists no feature"),
+            (["--schema", CENSUS_SAMPLE_PATH], "not a text file")]:
+        argv = ["pipeline", "run", "--data", CENSUS_SAMPLE_PATH, "--pipeline-root", str(tmp_path / "root"), *flags]
+        assert main(argv) == 2, flags
+        assert message in capsys.readouterr().err, flags
+    assert not (tmp_path / "gs:").exists() and not os.path.exists("gs:")
+
+
+def test_schema_command_never_writes_over_the_store_or_a_file_unasked(tmp_path, capsys):
+    from pipelines.cli import main
+
+    root = tmp_path / "root"
+    root.mkdir()
+    (root / "metadata.sqlite").write_bytes(b"SQLite format 3\x00")  # stands in for a store
+    (tmp_path / "mine.pbtxt").write_text("kept")
+    for out, message in [(root / "metadata.sqlite", "inside the pipeline root"),
+                         (root / "schema.pbtxt", "inside the pipeline root")]:
+        assert main(["pipeline", "schema", "--out", str(out), "--pipeline-root", str(root)]) == 2
+        assert message in capsys.readouterr().err
+    assert main(["pipeline", "schema", "--out", str(tmp_path / "mine.pbtxt"), "--pipeline-root", str(root)]) == 2
+    assert "pass --overwrite" in capsys.readouterr().err
+    assert (root / "metadata.sqlite").read_bytes() == b"SQLite format 3\x00"
+    assert (tmp_path / "mine.pbtxt").read_text() == "kept"
+
+
+def test_pipeline_config_values_are_checked_before_any_component_runs():
+    from pipelines.configs import make_config
+
+    for data, message in [
+            ({"pipeline_name": 5}, "pipeline_name must be a string"),
+            ({"beam_args": "--runner=Foo"}, "beam_args must be a list"),
+            ({"dataset": {"task_group": 1.7}}, "dataset.task_group must be 1 or 2"),
+            ({"dataset": {"spec": 5}}, "dataset.spec must be a string"),
+            ({"train": {"seed": -1}}, "train.seed"),
+            ({"train": {"patience": -3}}, "train.patience must be >= 0"),
+            ({"tuner": {"max_trials": 0}}, "tuner.max_trials must be >= 1"),
+            ({"tuner": {"num_experts": []}}, "tuner.num_experts must list"),
+            ({"tuner": {"gate_temperature": [0.5]}}, r"tuner.gate_temperature must be a range"),
+            ({"tuner": {"learning_rate": [3e-3, 3e-4]}}, r"tuner.learning_rate must be a range"),
+            ({"tuner": {"steps_per_trial": -4}}, "tuner.steps_per_trial must be >= 1"),
+            ({"split": {"partition_feature": "nosuchcol"}}, "split.partition_feature 'nosuchcol'"),
+            ({"evaluation": {"auc_floors": {"income": 5}}}, r"evaluation.auc_floors.income must be in \[0, 1\]"),
+            ({"evaluation": {"rmse_ceiling": -1}}, "evaluation.rmse_ceiling must be > 0")]:
+        with pytest.raises(ValueError, match=message):
+            make_config(data)
 
 
 # -- slow: end to end ------------------------------------------------------------------------------
@@ -574,8 +629,15 @@ def test_schema_command_writes_the_last_runs_schema(good_run, tmp_path, capsys):
     assert out.read_text() == open(good_run["summary"].schema_path).read()
     features = {f.name: f for f in text_format.Parse(out.read_text(), schema_pb2.Schema()).feature}
     assert features["class_worker"].distribution_constraints.min_domain_mass == 0
-    assert main(["pipeline", "schema", "--out", str(out), "--pipeline-root", str(tmp_path / "none")]) == 2
+    assert main(["pipeline", "schema", "--out", str(tmp_path / "other.pbtxt"), "--pipeline-root",
+                 str(tmp_path / "none")]) == 2
     assert "no ML Metadata store" in capsys.readouterr().err
+    # The written file is not replaced unasked; --overwrite replaces it.
+    out.write_text("edited")
+    root = ["--pipeline-root", str(good_run["base"] / "root")]
+    assert main(["pipeline", "schema", "--out", str(out), *root]) == 2 and out.read_text() == "edited"
+    assert main(["pipeline", "schema", "--out", str(out), *root, "--overwrite"]) == 0
+    assert out.read_text() == open(good_run["summary"].schema_path).read()
 
 
 @pytest.mark.slow

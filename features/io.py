@@ -110,6 +110,11 @@ def _read_one(path: str, spec: DatasetSpec) -> pd.DataFrame:
         names, first_data_line = header, 2
     else:
         names = list(spec.columns)
+        first = [f.strip() for f in _split_fields(lines[0], spec.delimiter)] if lines else []
+        if len(first) == len(names) and sum(f == c for f, c in zip(first, names)) >= max(2, len(names) // 2):
+            raise DataError(f"{path}: line 1 is a header ({', '.join(first[:4])}, ...), but the dataset spec says "
+                            f"the file has none (header: false); drop the line or describe the file with a spec "
+                            f"that has header: true")
     body = lines[first_data_line - 1:]
     body_blank = blank[first_data_line - 1:]
     if not len(body) or body_blank.all():

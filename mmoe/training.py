@@ -113,7 +113,7 @@ class OptimizerSettings:
     def __post_init__(self):
         if self.schedule not in SCHEDULES:
             raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
-        if self.cosine_epochs < 1:
+        if self.schedule == "cosine" and self.cosine_epochs < 1:  # the length of nothing else
             raise ValueError(f"cosine_epochs must be >= 1, got {self.cosine_epochs}")
         if not 0 <= self.weight_decay < math.inf:
             raise ValueError(f"weight_decay must be >= 0 and finite, got {self.weight_decay}")

@@ -14,6 +14,7 @@ import warnings
 
 DEFAULT_PIPELINE_ROOT = os.path.join("runs", "pipeline")
 DEFAULT_SERVING_DIR = os.path.join("runs", "serving")
+DEFAULT_SPEC_FILE = "mmoe_pipeline.json"  # --compile kubeflow's output
 
 EXIT_STOPPED = 1  # anomalies or a failed component
 
@@ -53,7 +54,7 @@ def add_commands(subparsers) -> None:
     run.add_argument("--model-name", help="TF Serving model name (default from the config: mmoe)")
     run.add_argument("--compile", choices=["kubeflow"], help="write a Kubeflow Pipelines v2 / Vertex AI spec "
                                                               "instead of running")
-    run.add_argument("--output", default="mmoe_pipeline.json", help="spec file for --compile")
+    run.add_argument("--output", default=DEFAULT_SPEC_FILE, help="spec file for --compile")
     run.add_argument("--image", default=None, help="container image for --compile (holds this repository)")
     run.add_argument("beam_args", nargs=argparse.REMAINDER, help="after `--`: Beam pipeline arguments")
     run.set_defaults(func=cmd_pipeline_run)
@@ -108,6 +109,14 @@ def cmd_pipeline_run(args) -> int:
     remote = args.data.startswith(("gs://", "s3://"))
     if not remote and not os.path.exists(args.data):
         raise FileNotFoundError(f"--data {args.data}: no such file or directory")
+    compile_only = {"--output": args.output != DEFAULT_SPEC_FILE, "--image": args.image is not None}
+    local_only = {"--no-cache": args.no_cache, "--metadata": args.metadata is not None}
+    ignored = [flag for flag, given in (local_only if args.compile else compile_only).items() if given]
+    if ignored:  # said, not silently dropped
+        raise ValueError(f"{', '.join(ignored)} {'does' if len(ignored) == 1 else 'do'} nothing "
+                         f"{'with' if args.compile else 'without'} --compile kubeflow")
+    if args.compile and os.path.isdir(args.output):
+        raise IsADirectoryError(f"--output {args.output}: a directory; it names the spec file to write")
     if args.compile == "kubeflow":
         from pipelines.kubeflow_runner import DEFAULT_IMAGE, compile_kubeflow, component_names
 

@@ -162,3 +162,9 @@ def test_a_binary_file_is_named_as_one(tmp_path):
     path.write_bytes(b'PK\x03\x04\x00\x00"x",y\n' * 3)
     with pytest.raises(DataError, match="model.keras: holds NUL bytes"):
         read_dataset(path, spec())
+
+
+def test_a_header_line_in_a_headerless_file_is_named_as_one(tmp_path):
+    path = write(tmp_path, HEADER + "\nu1,fr,31,yes,2.0\n")
+    with pytest.raises(DataError, match=r"line 1 is a header \(user_id, country, age, clicked, \.\.\.\).*header: false"):
+        read_dataset(path, spec(header=False))

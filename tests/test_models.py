@@ -322,9 +322,11 @@ def test_optimizer_settings_give_the_schedule_adamw_and_averaging_they_name():
     assert OptimizerSettings.from_settings({"schedule": "cosine", "weight_decay": "1e-2", "ema": 0, "batch_size": 64}) \
         == OptimizerSettings(schedule="cosine", weight_decay=0.01)
     with pytest.raises(ValueError, match="cosine_epochs"):
-        OptimizerSettings.from_settings({"cosine_epochs": 0})
+        OptimizerSettings.from_settings({"schedule": "cosine", "cosine_epochs": 0})
+    assert OptimizerSettings(cosine_epochs=0).schedule == "constant"  # the length of a schedule not in use
     for bad, match in (({"schedule": "step"}, "schedule"), ({"ema": 1.0}, "ema"), ({"weight_decay": -1}, "weight"),
-                       ({"cosine_epochs": 0}, "cosine_epochs")):
+                       ({"weight_decay": float("inf")}, "weight"), ({"schedule": "cosine", "cosine_epochs": 0},
+                                                                     "cosine_epochs")):
         with pytest.raises(ValueError, match=match):
             OptimizerSettings(**bad)
 

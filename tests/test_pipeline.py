@@ -319,6 +319,14 @@ def test_cli_errors_are_clear(tmp_path, capsys):
         assert main(argv) == 2, flags
         assert message in capsys.readouterr().err, flags
     assert not (tmp_path / "gs:").exists() and not os.path.exists("gs:")
+    # Flags of the other mode are said to do nothing rather than dropped.
+    assert main(["pipeline", "run", "--data", CENSUS_SAMPLE_PATH, "--image", "img"]) == 2
+    assert "--image does nothing without --compile kubeflow" in capsys.readouterr().err
+    assert main(["pipeline", "run", "--data", CENSUS_SAMPLE_PATH, "--compile", "kubeflow", "--no-cache"]) == 2
+    assert "--no-cache does nothing with --compile kubeflow" in capsys.readouterr().err
+    assert main(["pipeline", "run", "--data", CENSUS_SAMPLE_PATH, "--compile", "kubeflow", "--output",
+                 str(tmp_path)]) == 2
+    assert "names the spec file to write" in capsys.readouterr().err
 
 
 def test_schema_command_never_writes_over_the_store_or_a_file_unasked(tmp_path, capsys):

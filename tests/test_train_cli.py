@@ -200,7 +200,7 @@ def test_unexpected_label_value_names_column(tmp_path, census_lines, capsys):
     (["--numeric-bins", "-3"], "numeric_bins"),
     (["--main-task", "salary"], "salary"),
     (["--ema", "1.5"], "ema"),
-    (["--cosine-epochs", "0"], "cosine_epochs"),
+    (["--schedule", "cosine", "--cosine-epochs", "0"], "cosine_epochs"),
     (["--learning-rate", "nan"], "learning_rate"),
     (["--weight-decay", "inf"], "weight_decay"),
     (["--embedding-dim", "0"], "embedding_dim"),

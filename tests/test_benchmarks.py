@@ -236,6 +236,10 @@ def test_synthetic_runs_come_from_the_cache_and_more_seeds_train_only_the_new_on
     assert len(trained) == 12 + 4 + 4
 
 
+# Any existing file passes census_quality's --arrays check: the tests that give it replace prepare_arrays.
+FAKE_ARRAYS = __file__
+
+
 def _one_file_census_arrays(monkeypatch, census_quality, data):
     """Makes census_quality.prepare_arrays return group 1 (income, marital) with `data` as every split."""
     protocol = {"name": "single-file split", "split": "60/20/20", "seed": 0,
@@ -268,7 +272,7 @@ def test_refine_tunes_the_other_architectures_from_the_chosen_settings(tmp_path,
 
     monkeypatch.setattr(census_quality, "train_once", fake_train)
     out = tmp_path / "report.json"
-    assert census_quality.main(["--arrays", "x.npz", "--archs", "mmoe", "omoe", "--seeds", "2", "--no-anchor",
+    assert census_quality.main(["--arrays", FAKE_ARRAYS, "--archs", "mmoe", "omoe", "--seeds", "2", "--no-anchor",
                                 "--refine", "--cache", str(tmp_path / "runs.json"), "--out", str(out)]) == 0
     archs = json.loads(out.read_text())["groups"]["1"]["archs"]
     chosen = census_quality.key_settings({**census_quality.TRAIN_DEFAULTS, **census_quality.SEARCHED[(1, "mmoe")]})
@@ -303,7 +307,7 @@ def test_refine_edge_pass_tries_one_step_past_a_choice_at_the_end_of_its_range(t
 
     monkeypatch.setattr(census_quality, "train_once", fake_train)
     out = tmp_path / "report.json"
-    assert census_quality.main(["--arrays", "x.npz", "--archs", "mmoe", "--seeds", "1", "--no-anchor", "--refine",
+    assert census_quality.main(["--arrays", FAKE_ARRAYS, "--archs", "mmoe", "--seeds", "1", "--no-anchor", "--refine",
                                 "--cache", str(tmp_path / "runs.json"), "--out", str(out)]) == 0
     mmoe = json.loads(out.read_text())["groups"]["1"]["archs"]["mmoe"]
     # 3e-3, the last of the refine's learning rates, won; the edge pass tried 5e-3 past it and kept it.
@@ -338,7 +342,7 @@ def test_select_seeds_scores_each_refine_point_on_the_mean_of_its_seeds(tmp_path
     chosen = {}
     for select in (1, 2):
         out = tmp_path / f"select{select}.json"
-        assert census_quality.main(["--arrays", "x.npz", "--archs", "mmoe", "--seeds", "1", "--no-anchor", "--refine",
+        assert census_quality.main(["--arrays", FAKE_ARRAYS, "--archs", "mmoe", "--seeds", "1", "--no-anchor", "--refine",
                                     "--select-seeds", str(select), "--cache", str(tmp_path / "runs.json"),
                                     "--out", str(out)]) == 0
         report = json.loads(out.read_text())
@@ -352,7 +356,7 @@ def test_select_seeds_scores_each_refine_point_on_the_mean_of_its_seeds(tmp_path
     assert len(set(trained)) == len(trained) and any(seed == 1 for _, seed in trained)
     assert "refine: mean of seeds 0-1" in capsys.readouterr().out
     with pytest.raises(SystemExit):
-        census_quality.main(["--arrays", "x.npz", "--select-seeds", "0", "--out", str(tmp_path / "x.json")])
+        census_quality.main(["--arrays", FAKE_ARRAYS, "--select-seeds", "0", "--out", str(tmp_path / "x.json")])
 
 
 def _learnable_census_splits(monkeypatch, census_quality, rng, test_rows):
@@ -394,7 +398,7 @@ def test_significance_tests_the_seeds_mean_auc_against_the_refitted_anchor(tmp_p
 
     monkeypatch.setattr(census_quality, "train_once", fake_train)
     out = tmp_path / "report.json"
-    assert census_quality.main(["--arrays", "x.npz", "--archs", "mmoe", "--seeds", "3", "--significance",
+    assert census_quality.main(["--arrays", FAKE_ARRAYS, "--archs", "mmoe", "--seeds", "3", "--significance",
                                 "--cache", str(tmp_path / "runs.json"), "--out", str(out)]) == 0
     assert calls == [(0, False), (1, False), (2, False), (0, True), (1, True), (2, True)]
     vs = json.loads(out.read_text())["groups"]["1"]["archs"]["mmoe"]["vs_anchor"]
@@ -404,7 +408,7 @@ def test_significance_tests_the_seeds_mean_auc_against_the_refitted_anchor(tmp_p
     printed = capsys.readouterr().out
     assert "Against the anchor" in printed and f"| {vs['marital']['detectable']:.5f} |" in printed
     with pytest.raises(SystemExit):
-        census_quality.main(["--arrays", "x.npz", "--significance", "--no-anchor", "--out", str(out)])
+        census_quality.main(["--arrays", FAKE_ARRAYS, "--significance", "--no-anchor", "--out", str(out)])
     assert "drop --no-anchor" in capsys.readouterr().err
     # The difference is the seeds' mean AUC minus the anchor's, on the same rows.
     anchor = {"income": rng.random(1500), "marital": rng.random(1500)}
@@ -452,7 +456,7 @@ def test_refit_retrains_every_run_on_train_and_valid_for_the_epochs_early_stoppi
     monkeypatch.setattr(census_quality, "train_once", fake_train)
     monkeypatch.setattr(census_quality, "refit_once", fake_refit)
     out, cache = tmp_path / "report.json", str(tmp_path / "runs.json")
-    argv = ["--arrays", "x.npz", "--archs", "mmoe", "--seeds", "3", "--refit", "--cache", cache, "--out", str(out)]
+    argv = ["--arrays", FAKE_ARRAYS, "--archs", "mmoe", "--seeds", "3", "--refit", "--cache", cache, "--out", str(out)]
     assert census_quality.main(argv) == 0
     # Each seed refitted for the epoch its own early stopping kept, not the epochs it ran.
     assert refits == [(0, 3), (1, 4), (2, 5)]

@@ -161,7 +161,7 @@ def train_run(spec, data: Sequence[str], out_dir: str, model_config, settings: T
     and moved there when it finishes, so a failed run changes nothing (see `staged_run_dir`)."""
     from mmoe.training import main_task_spec
 
-    out = Path(out_dir)
+    out = Path(out_dir).resolve()  # `--out .` must name the directory, so that it can be checked and moved
     check_run_dir(out, overwrite)
     tasks = model_tasks(spec, settings.loss_weights)  # bad task names fail before any slow work
     main = main_task_spec(tasks, settings.main_task)
@@ -172,13 +172,18 @@ def train_run(spec, data: Sequence[str], out_dir: str, model_config, settings: T
 
 
 def check_run_dir(out: Path, overwrite: bool) -> None:
-    """Refuses an --out that is a file, or that holds anything (a run, or other files) unless `overwrite`."""
+    """Refuses an --out that is a file, one that holds a finished run unless `overwrite`, and one that holds other
+    files always: --overwrite replaces the whole directory, so it must be a run (not `--out .` in a repository)."""
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"--out {out} is a file, not a directory")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        what = "a run (metrics.json)" if (out / "metrics.json").exists() else "files, but no finished run"
-        raise FileExistsError(f"--out {out} already holds {what}; pass --overwrite to replace it, or choose "
-                              f"another --out")
+    if not out.is_dir() or not any(out.iterdir()):
+        return
+    if not (out / "metrics.json").exists():
+        raise FileExistsError(f"--out {out} holds files but no finished run (no metrics.json); --overwrite replaces "
+                              f"only a finished run, so choose another --out or empty this one")
+    if not overwrite:
+        raise FileExistsError(f"--out {out} already holds a run (metrics.json); pass --overwrite to replace it, or "
+                              f"choose another --out")
 
 
 @contextlib.contextmanager

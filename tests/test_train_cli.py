@@ -238,7 +238,10 @@ def test_an_existing_out_is_refused_before_any_work(small_census, tmp_path, caps
     (tmp_path / "o").mkdir()
     (tmp_path / "o" / "notes.txt").write_text("mine")
     err = _run_error(["train", "--data", str(small_census), "--out", str(tmp_path / "o")], capsys)
-    assert "no finished run" in err and "--overwrite" in err
+    assert "no finished run" in err and "choose another --out" in err
+    # --overwrite replaces a whole directory, so only one that holds a run: never e.g. `--out .` in a checkout.
+    err = _run_error(["train", "--data", str(small_census), "--out", str(tmp_path / "o"), "--overwrite"], capsys)
+    assert "--overwrite replaces only a finished run" in err
     (tmp_path / "f").write_text("a file")
     assert "is a file" in _run_error(["train", "--data", str(small_census), "--out", str(tmp_path / "f")], capsys)
     assert (tmp_path / "o" / "notes.txt").read_text() == "mine"

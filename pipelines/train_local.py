@@ -198,6 +198,9 @@ def staged_run_dir(out: Path):
 
     out.parent.mkdir(parents=True, exist_ok=True)
     stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(stage, 0o777 & ~umask)  # mkdtemp's 0700 would make the run unreadable to others once in place
     try:
         yield stage
     except BaseException:

@@ -1,6 +1,7 @@
 """`mmoe train` end to end on small data, and its errors on bad input."""
 import gzip
 import json
+import os
 from pathlib import Path
 
 import keras
@@ -72,6 +73,9 @@ def test_train_writes_model_transform_and_metrics(small_census, tmp_path, capsys
     # A finished one replaces it whole: one epoch now, and the transform rewritten rather than refused.
     assert main(["train", "--data", str(small_census), "--out", str(out), "--epochs", "1", "--overwrite"]) == 0
     assert json.loads((out / "metrics.json").read_text())["epochs_trained"] == 1
+    umask = os.umask(0)
+    os.umask(umask)
+    assert out.stat().st_mode & 0o777 == 0o777 & ~umask  # as mkdir would make it, not mkdtemp's 0700
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.data", "run"]
 
 

@@ -121,6 +121,12 @@ class Signature:
         self._checks = {k: (np.dtype(object) if spec.dtype == tf.string else np.dtype(spec.dtype.as_numpy_dtype),
                             None if spec.shape.rank is None else tuple(spec.shape.as_list()))
                         for k, spec in self.inputs.items()}
+        # Our exports' predict_raw reads NaN as a missing value; an infinite one has no meaning and would score
+        # anyway, so its float inputs must be finite.
+        from serving.export import PREDICT_RAW
+
+        self._finite = {k for k, spec in self.inputs.items() if spec.dtype.is_floating} if name == PREDICT_RAW \
+            else set()
         self._flat = self._bind_flat_call(fn)
         self.fast_call = self._flat is not None
 
@@ -182,8 +188,7 @@ class Signature:
                               f"expected {list(dims)} (None = any size)")
             if shape:
                 sizes.add(shape[0])
-            if self.name == _raw_signature() and value.dtype.kind == "f" and np.isinf(value).any():
-                # Our exports read NaN as a missing value; an infinite one has no meaning and would score anyway.
+            if name in self._finite and np.isinf(value).any():
                 row = int(np.flatnonzero(np.isinf(np.ravel(value)))[0])
                 raise invalid(f"signature {self.name!r}: input {name!r} holds an infinite value (row {row}); "
                               f"numbers must be finite (NaN: missing)")
@@ -196,12 +201,6 @@ class Signature:
             raise ServingError(grpc.StatusCode.RESOURCE_EXHAUSTED,
                                f"batch of {size} examples exceeds the server's limit of {max_batch} per request")
         return size
-
-
-def _raw_signature() -> str:
-    from serving.export import PREDICT_RAW  # loaded with TensorFlow by the first Servable
-
-    return PREDICT_RAW
 
 
 class Servable:

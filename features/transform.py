@@ -181,6 +181,17 @@ def _label(x: tf.Tensor, task: Task, strip_period: bool) -> tf.Tensor:
     return x
 
 
+def frame_labels(frame: pd.DataFrame, spec: DatasetSpec, task_name: str) -> np.ndarray:
+    """[n] float labels of a task from its raw column in a frame `features.io.read_dataset` made, as the transform
+    derives them (the same `_label`)."""
+    task = spec.task(task_name)
+    column = frame[task.column]
+    values = column.astype(str).to_numpy(dtype=object) if task.positive is not None else \
+        column.to_numpy(dtype="float32")
+    # read_dataset already stripped values and the UCI row-ending period, so no period stripping here.
+    return _label(tf.constant(values), task, strip_period=False).numpy().astype("float64")
+
+
 def _bucket_values(column: tf.Tensor, raw: tf.Tensor, mean: tf.Tensor, log: bool) -> Tuple[tf.Tensor, tf.Tensor]:
     """(value with NaN where missing, value with missing filled) that quantile buckets are taken over.
 

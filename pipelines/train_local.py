@@ -106,20 +106,15 @@ def load_splits(data: Sequence[str], spec, split, seed: int, log=print):
         how = f"--split {protocol['split']} of {len(frame):,} rows" if len(paths) == 1 else \
             f"{len(train_frame):,} training rows and {len(test_frame):,} test rows split 1:1"
         raise ValueError(f"too few rows: {how} leaves the {' and '.join(empty)} split(s) empty ({rows})")
+    from features.transform import frame_labels
+
     for name, split_frame_ in (("valid", valid), ("test", test)):
         for t in spec.tasks:
-            if t.kind == "binary" and binary_labels(split_frame_[t.column], t).nunique() < 2:
+            if t.kind == "binary" and len(np.unique(frame_labels(split_frame_, spec, t.name))) < 2:
                 log(f"warning: the {name} split has one class only for task {t.name!r}: its AUC is undefined "
                     f"(null in metrics.json){' and early stopping has nothing to watch' if name == 'valid' else ''}")
     protocol.update(rows=rows)
     return train, valid, test, protocol
-
-
-def binary_labels(column, task):
-    """A binary task's 0/1 labels from its raw column (as read, before the transform), as the transform makes them."""
-    if task.positive is not None:
-        return column.isin(task.positive)
-    return column.astype("float64") > task.threshold
 
 
 def transform_splits(spec, data: Sequence[str], split, seed: int, transform_dir: str, log=print):

@@ -158,20 +158,6 @@ def predict(servable, frame, heads: Sequence[str], batch_size: int = 8192, progr
     return out
 
 
-def labels_for(frame, spec, head: str) -> np.ndarray:
-    """[n] float labels of task `head` from its raw column, as the transform derives them."""
-    import tensorflow as tf
-
-    from features.transform import _label
-
-    task = spec.task(head)
-    column = frame[task.column]
-    values = column.astype(str).to_numpy(dtype=object) if task.positive is not None else \
-        column.to_numpy(dtype="float32")
-    # read_dataset already stripped values and the UCI row-ending period, so no period stripping here.
-    return _label(tf.constant(values), task, strip_period=False).numpy().astype("float64")
-
-
 def dataset_spec(config: Optional[str], task_group: Optional[int], infos: Sequence[dict]):
     """The DatasetSpec to read the data with: --config, --task-group, or the census spec the exports name."""
     from features.census import census_spec
@@ -273,7 +259,9 @@ def evaluate_offline(a: ModelRef, b: ModelRef, data: str, out_dir: str, *, spec=
     finally:
         model_a.retire()
         model_b.retire()
-    labels = {h: labels_for(frame, spec, h) for h in compared}
+    from features.transform import frame_labels
+
+    labels = {h: frame_labels(frame, spec, h) for h in compared}
     say("labels derived; comparing")
 
     def head_inputs(mask=None):

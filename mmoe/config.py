@@ -18,6 +18,21 @@ TASK_KINDS = ("binary", "regression")
 FEATURE_KINDS = ("numeric", "categorical")
 
 
+def json_safe(value):
+    """`value` as strict JSON data: every NaN or infinite float None (JSON has no NaN; Python writes one that jq and
+    JavaScript refuse, and a metric is undefined e.g. on a split with one class), numpy scalars as Python ones,
+    mapping keys as strings."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {str(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    if hasattr(value, "item"):  # numpy scalars
+        return json_safe(value.item())
+    return value
+
+
 def dataclass_from_mapping(cls, data: Mapping[str, Any], what: str):
     """`cls(**data)`, with errors that name `what` and any unknown keys (config files are hand-written), and each
     value held to its field's type (`typed_value`): a YAML `"false"` is not a true bool, `"64"` not the widths 6, 4."""

@@ -283,22 +283,12 @@ def _train_run(spec, data, out: Path, stage: Path, tasks, main, model_config, se
         "tasks": [t.to_dict() for t in tasks], "inputs": [f.to_dict() for f in features],
         "train": {**dataclasses.asdict(settings), "split": list(settings.split)}}, indent=1))
     metrics["total_seconds"] = round(time.time() - started, 1)
+    from mmoe.config import json_safe
+
     (stage / "metrics.json").write_text(json.dumps(json_safe(metrics), indent=1, allow_nan=False))
     log(format_metrics(metrics))
     log(f"wrote {out}/model.keras, {out}/transform, {out}/metrics.json")
     return metrics
-
-
-def json_safe(value):
-    """`value` with every NaN or infinite float as None: JSON has no NaN (Python writes one that jq and JavaScript
-    refuse), and a metric is undefined e.g. when a split has one class only."""
-    if isinstance(value, dict):
-        return {k: json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [json_safe(v) for v in value]
-    if isinstance(value, float) and not np.isfinite(value):
-        return None
-    return value
 
 
 def npz_path(path) -> str:

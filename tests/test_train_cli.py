@@ -279,7 +279,7 @@ def test_one_class_in_a_split_is_warned_about(tmp_path, census_lines):
 
 
 def test_metrics_json_has_no_nan():
-    from pipelines.train_local import json_safe
+    from mmoe.config import json_safe
 
     safe = json_safe({"auc": float("nan"), "runs": [1.0, float("inf"), {"x": -float("inf")}], "n": 3, "s": "a"})
     assert safe == {"auc": None, "runs": [1.0, None, {"x": None}], "n": 3, "s": "a"}

@@ -37,18 +37,6 @@ def build_report(*, mode: str, arms: Dict[str, dict], data: dict, heads: dict, o
     }
 
 
-def _json_safe(value):
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {str(k): _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    if hasattr(value, "item"):  # numpy scalars
-        return _json_safe(value.item())
-    return value
-
-
 def _num(value, digits: int = 4) -> str:
     if value is None or (isinstance(value, float) and not math.isfinite(value)):
         return "n/a"
@@ -163,11 +151,13 @@ def markdown(report: dict, figures: Dict[str, str]) -> str:
 
 def write_report(out_dir: str, report: dict, figures: Dict[str, str]) -> Dict[str, str]:
     """Write report.json and report.md into out_dir (created); returns their paths."""
+    from mmoe.config import json_safe  # here: importing the mmoe package loads Keras, which the rest of this needs not
+
     os.makedirs(out_dir, exist_ok=True)
     report["plots"] = {name: os.path.basename(path) for name, path in figures.items()}
     paths = {"json": os.path.join(out_dir, "report.json"), "md": os.path.join(out_dir, "report.md")}
     with open(paths["json"], "w") as fh:
-        json.dump(_json_safe(report), fh, indent=1)
+        json.dump(json_safe(report), fh, indent=1)
         fh.write("\n")
     with open(paths["md"], "w") as fh:
         fh.write(markdown(report, figures))

@@ -48,17 +48,11 @@ TARGETS = """targets (2-core machine): in-process batch-1 < 0.5 ms; gRPC batch-1
 
 
 def exports_from_run(run_dir: str, out_dir: str):
-    import keras
-
-    import mmoe  # noqa: F401  (registers the custom layers for load_model)
     from features.io import read_dataset
-    from features.spec import dataset_spec_from_dict
-    from serving.export import export_serving_model
+    from serving.export import export_serving_model, load_run
 
+    spec, model, transform = load_run(run_dir)
     config = json.load(open(os.path.join(run_dir, "run_config.json")))
-    spec = dataset_spec_from_dict(config["dataset"])
-    model = keras.models.load_model(os.path.join(run_dir, "model.keras"))
-    transform = os.path.join(run_dir, "transform")
     xla = export_serving_model(model, transform, spec, os.path.join(out_dir, "xla", "1"), xla=True)
     plain = export_serving_model(model, transform, spec, os.path.join(out_dir, "plain", "1"), xla=False)
     files = config.get("train", {}).get("data") or []

@@ -97,14 +97,8 @@ def cmd_export(args) -> int:
 
 def export_run(run_dir: str, base_path: str, version=None, xla: bool = True) -> str:
     """An `mmoe train` run (model.keras, transform/, run_config.json) as BASE_PATH/VERSION; returns that path."""
-    import json
-
     from serving.models import versions_on_disk
 
-    needed = ["model.keras", "transform", "run_config.json"]
-    missing = [n for n in needed if not os.path.exists(os.path.join(run_dir, n))]
-    if missing:
-        raise FileNotFoundError(f"{run_dir}: not a finished `mmoe train` run (no {', '.join(missing)})")
     if version is None:
         version = max(versions_on_disk(base_path), default=0) + 1
     if version < 1:
@@ -113,17 +107,10 @@ def export_run(run_dir: str, base_path: str, version=None, xla: bool = True) -> 
     if os.path.exists(export_dir):
         raise FileExistsError(f"{export_dir} exists: versions are immutable once served; give another --version")
 
-    import keras
+    from serving.export import export_serving_model, load_run
 
-    import mmoe  # noqa: F401  (registers the model's layers for loading)
-    from features.spec import dataset_spec_from_dict
-    from serving.export import export_serving_model
-
-    with open(os.path.join(run_dir, "run_config.json")) as fh:
-        spec = dataset_spec_from_dict(json.load(fh)["dataset"], source=f"{run_dir}/run_config.json")
-    model = keras.saving.load_model(os.path.join(run_dir, "model.keras"))  # safe_mode stays on
-    return export_serving_model(model, os.path.join(run_dir, "transform"), spec, export_dir, xla=xla,
-                                with_gates=True)
+    spec, model, transform = load_run(run_dir)
+    return export_serving_model(model, transform, spec, export_dir, xla=xla, with_gates=True)
 
 
 def _read(path: str, what: str) -> bytes:

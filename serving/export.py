@@ -393,3 +393,22 @@ def export_serving_model(model: keras.Model, transform_output_dir: str, spec, ex
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return export_dir
+
+
+RUN_FILES = ("model.keras", "transform", "run_config.json")  # what an `mmoe train` run directory holds to export
+
+
+def load_run(run_dir: str):
+    """(dataset spec, Keras model, transform directory) of an `mmoe train` run; the model loads with safe_mode on."""
+    import json
+
+    import mmoe  # noqa: F401  (registers the model's layers for loading)
+    from features.spec import dataset_spec_from_dict
+
+    missing = [n for n in RUN_FILES if not os.path.exists(os.path.join(run_dir, n))]
+    if missing:
+        raise FileNotFoundError(f"{run_dir}: not a finished `mmoe train` run (no {', '.join(missing)})")
+    with open(os.path.join(run_dir, "run_config.json")) as fh:
+        spec = dataset_spec_from_dict(json.load(fh)["dataset"], source=f"{run_dir}/run_config.json")
+    model = keras.saving.load_model(os.path.join(run_dir, "model.keras"))
+    return spec, model, os.path.join(run_dir, "transform")

@@ -59,7 +59,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.arg_types import positive_int  # noqa: E402
+from benchmarks.arg_types import non_negative_int, positive_int  # noqa: E402
 from benchmarks.run_cache import RunCache  # noqa: E402
 from mmoe.config import ARCHITECTURES  # noqa: E402
 
@@ -714,7 +714,7 @@ def main(argv=None):
                         "(default 2, as in the published tables: one seed's noise is as large as the differences "
                         "the refine chooses between)")
     parser.add_argument("--epochs", type=positive_int, default=40)
-    parser.add_argument("--patience", type=positive_int, default=4)
+    parser.add_argument("--patience", type=non_negative_int, default=4)
     parser.add_argument("--no-anchor", action="store_true")
     parser.add_argument("--anchor-numeric", nargs="+", default=["zscore"], choices=["zscore", "both", "buckets"],
                         help="numeric inputs of the anchor (see TRAIN_DEFAULTS['numeric']); with several, each task "

@@ -67,7 +67,7 @@ def _split_fields(line: str, delimiter: str) -> List[str]:
     if '"' in line:
         try:
             return next(csv.reader([line], delimiter=delimiter, skipinitialspace=True))
-        except csv.Error as e:  # e.g. a NUL byte: a binary file given as data
+        except csv.Error as e:  # e.g. a field past csv's size limit (NUL bytes are refused before)
             raise DataError(f"cannot parse a line as CSV ({e}): {line[:80]!r}") from None
     return line.split(delimiter)
 

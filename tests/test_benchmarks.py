@@ -696,6 +696,7 @@ def test_gpu_train_runs_on_cpu_with_the_same_flags_and_its_step_trains(tmp_path)
 @pytest.mark.parametrize("script, argv, message", [
     ("census_quality", ["--arrays", "ARRAYS", "--seeds", "0"], "--seeds: must be >= 1"),
     ("census_quality", ["--arrays", "ARRAYS", "--archs", "nope"], "--archs: unknown ['nope']"),
+    ("census_quality", ["--arrays", "ARRAYS", "--patience", "-1"], "--patience: must be >= 0"),
     ("census_quality", ["--arrays", "MISSING"], "no such file"),
     ("census_quality", ["--arrays", "ARRAYS", "--cache", "BADCACHE"], "not a run cache"),
     ("train_speed", ["--arrays", "ARRAYS", "--batch-sizes", "0"], "--batch-sizes: must be >= 1"),

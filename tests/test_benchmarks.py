@@ -705,6 +705,9 @@ def test_gpu_train_runs_on_cpu_with_the_same_flags_and_its_step_trains(tmp_path)
     ("synthetic", ["--lr-grid", "0"], "--lr-grid: must be > 0"),
     ("serving", ["--seconds", "-1"], "--seconds: must be > 0"),
     ("memory", ["--no-serving"], "nothing to measure"),
+    ("memory", ["--no-serving", "--train-data", "x", "--run", "r"], "it means nothing with --no-serving"),
+    ("synthetic", ["--num-sin", "0"], "--num-sin: must be >= 1"),
+    ("synthetic", ["--c", "0"], "--c: must be > 0"),
     ("pipeline", ["--train-steps", "0"], "--train-steps must be >= 1"),
     ("ab_eval", ["--rows", "0"], "--rows: must be >= 1"),
 ])

@@ -390,6 +390,8 @@ def test_a_diverging_fit_fails_instead_of_returning_a_nan_model():
     ({"num_experts": True}, "num_experts must be an integer"),
     ({"learning_rate": "fast"}, "learning_rate must be a number"),
     ({"arch": 3}, "arch must be a string"),
+    ({"gate_temperature": float("inf")}, "gate_temperature must be > 0 and finite"),
+    ({"balance_loss_weight": float("inf")}, "balance_loss_weight must be >= 0 and finite"),
     ({"gate": "noisy_top_k", "top_k": 9, "num_experts": 8}, r"top_k \(9\) is more than the 8 experts"),
     ({"arch": "ple", "gate": "noisy_top_k", "top_k": 11, "num_experts": 8, "task_experts": 2}, "the 10 experts"),
 ])

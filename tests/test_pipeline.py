@@ -303,6 +303,13 @@ def test_cli_errors_are_clear(tmp_path, capsys):
     bad.write_text("train: {train_steps: 0}\n")
     assert main(["pipeline", "run", "--data", CENSUS_SAMPLE_PATH, "--config", str(bad)]) == 2
     assert "train_steps must be >= 1" in capsys.readouterr().err
+    bad.rename(tmp_path / "bad.YAML")  # read as YAML whatever the suffix's case
+    assert main(["pipeline", "run", "--data", CENSUS_SAMPLE_PATH, "--config", str(tmp_path / "bad.YAML")]) == 2
+    assert "train_steps must be >= 1" in capsys.readouterr().err
+    assert main(["pipeline", "run", "--data", CENSUS_SAMPLE_PATH, "--config", CENSUS_SAMPLE_PATH]) == 2
+    assert "not a text file (YAML or JSON)" in capsys.readouterr().err
+    assert main(["pipeline", "run", "--data", CENSUS_SAMPLE_PATH, "--config", str(tmp_path)]) == 2
+    assert "a directory, not a file" in capsys.readouterr().err
     # Paths a local run would find wrong only at the end, or after making a junk "gs:" folder in the working dir.
     (tmp_path / "a_file").write_text("x")
     (tmp_path / "empty.data").write_text("")

@@ -192,6 +192,9 @@ def test_serve_process_predict_cli_and_sigterm_drain(exports, base_path, tmp_pat
      "--timeout must be > 0"),
     (["predict", "--server", "localhost:1", "--model", "m", "--csv", "x.csv", "--server-name", "a"],
      "needs --ca-cert"),
+    (["predict", "--server", "localhost:1", "--model", "m", "--csv", "x.csv", "--batch-size", "0"],
+     "--batch-size must be >= 1"),
+    (["export", "/no/such/run", "--base-path", "/tmp/x", "--version", "0"], "--version must be >= 1"),
 ])
 def test_serve_argument_errors(argv, message, capsys):
     assert main(argv) == 2

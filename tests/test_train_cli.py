@@ -225,6 +225,34 @@ def test_bad_settings_are_clear_errors(small_census, tmp_path, capsys, flags, ex
     assert not (tmp_path / "o").exists() and not list(tmp_path.glob(".o.*"))  # nothing written
 
 
+def test_model_config_file_missing_and_spec_booleans_as_strings_are_clear_errors(small_census, tmp_path, capsys):
+    from features.census import census_spec
+    from features.spec import dataset_spec_to_dict
+
+    err = _run_error(["train", "--data", str(small_census), "--out", str(tmp_path / "o"), "--model-config",
+                      str(tmp_path / "none.yaml")], capsys)
+    assert "--model-config" in err and "none.yaml" in err
+    spec = {**dataset_spec_to_dict(census_spec(1)), "strip_trailing_period": "false"}  # a quoted YAML false
+    (tmp_path / "spec.json").write_text(json.dumps(spec))
+    err = _run_error(["train", "--data", str(small_census), "--out", str(tmp_path / "o"), "--config",
+                      str(tmp_path / "spec.json")], capsys)
+    assert "strip_trailing_period must be true or false, got 'false'" in err
+
+
+@pytest.mark.slow
+def test_all_zero_weights_are_refused(tmp_path, census_lines, capsys):
+    lines = []
+    for line in census_lines[:600]:
+        fields = line.split(",")
+        fields[24] = " 0"  # instance_weight
+        lines.append(",".join(fields))
+    (tmp_path / "zero.data").write_text("\n".join(lines) + "\n")
+    err = _run_error(["train", "--data", str(tmp_path / "zero.data"), "--out", str(tmp_path / "o"),
+                      "--use-weights", "--epochs", "1"], capsys)
+    assert "every training row's weight ('instance_weight') is 0" in err
+    assert not (tmp_path / "o").exists()
+
+
 @pytest.mark.parametrize("config, expected", [
     ("expert_units: '64'\n", "expert_units must be a list, got '64'"),
     ("mixed_precision: 'false'\n", "mixed_precision must be true or false"),

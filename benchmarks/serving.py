@@ -55,8 +55,10 @@ def exports_from_run(run_dir: str, out_dir: str):
     config = json.load(open(os.path.join(run_dir, "run_config.json")))
     xla = export_serving_model(model, transform, spec, os.path.join(out_dir, "xla", "1"), xla=True)
     plain = export_serving_model(model, transform, spec, os.path.join(out_dir, "plain", "1"), xla=False)
-    files = config.get("train", {}).get("data") or []
     from features.census import CENSUS_SAMPLE_PATH
+
+    # Requests are the run's own rows where its data is still there (runs before 2026-11-25 did not record it).
+    files = [path for path in config.get("data") or [] if os.path.exists(path)]
     frame = read_dataset(files[0] if files else CENSUS_SAMPLE_PATH, spec).iloc[:512]
     return spec, frame, {"xla": xla, "plain": plain}
 

@@ -279,6 +279,7 @@ def _train_run(spec, data, out: Path, stage: Path, tasks, main, model_config, se
     plot_history(history.history, tasks, stage / "training_curves.png")
     from features.spec import dataset_spec_to_dict
     (stage / "run_config.json").write_text(json.dumps({
+        "data": [os.path.abspath(path) for path in data],  # provenance; the serving benchmark samples from it
         "dataset": dataset_spec_to_dict(spec), "model": model_config.to_dict(),
         "tasks": [t.to_dict() for t in tasks], "inputs": [f.to_dict() for f in features],
         "train": {**dataclasses.asdict(settings), "split": list(settings.split)}}, indent=1))

@@ -308,3 +308,21 @@ def test_mmoe_export_turns_a_train_run_into_numbered_versions(tmp_path, capsys):
     assert "versions are immutable" in capsys.readouterr().err
     assert main(["export", str(tmp_path / "models"), "--base-path", str(base)]) == 2
     assert "not a finished `mmoe train` run (no model.keras, transform, run_config.json)" in capsys.readouterr().err
+    # The serving benchmark's requests are the run's own rows (run_config.json's "data"), here a file of the
+    # sample's last 30 rows standing in for it.
+    import gzip
+
+    import benchmarks.serving as serving_benchmark
+
+    config = json.loads((run / "run_config.json").read_text())
+    assert config["data"] == [os.path.abspath(CENSUS_SAMPLE_PATH)]
+    with gzip.open(CENSUS_SAMPLE_PATH, "rt") as fh:
+        tail = fh.read().splitlines()[-30:]
+    other = tmp_path / "other.csv.gz"
+    with gzip.open(other, "wt") as fh:
+        fh.write("\n".join(tail) + "\n")
+    config["data"] = [str(other)]
+    (run / "run_config.json").write_text(json.dumps(config))
+    _, frame, dirs = serving_benchmark.exports_from_run(str(run), str(tmp_path / "bench"))
+    assert frame.equals(read_dataset(other, spec)) and len(frame) == 30
+    assert sorted(dirs) == ["plain", "xla"]

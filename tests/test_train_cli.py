@@ -45,6 +45,7 @@ def test_train_writes_model_transform_and_metrics(small_census, tmp_path, capsys
     assert (out / "training_curves.png").stat().st_size > 1000
     run_config = json.loads((out / "run_config.json").read_text())
     assert run_config["model"]["num_experts"] == 4 and run_config["model"]["expert_units"] == [16]
+    assert run_config["data"] == [os.path.abspath(small_census)]
     # Label-source columns never reach the model.
     input_names = {i["name"] for i in run_config["inputs"]}
     assert not input_names & {"education", "marital_stat", "income_50k", "instance_weight"}

@@ -72,6 +72,16 @@ def add_commands(subparsers) -> None:
     predict.add_argument("--timeout", type=float, default=30.0, help="seconds each request may take")
     predict.add_argument("--batch-size", type=int, default=4096,
                          help="rows per request (at most the server's --max-request-batch)")
+    split = predict.add_argument_group(
+        "through a traffic split (serving/README.md): one request per unit, printing the arm and version that "
+        "served each row")
+    split.add_argument("--unit-column", metavar="COLUMN",
+                       help="the CSV column naming each row's unit (the split's key, e.g. user_id)")
+    split.add_argument("--unit-in", choices=("feature", "metadata"), default="feature",
+                       help="send the unit as input COLUMN (a split whose key is COLUMN; default) or as gRPC "
+                            "metadata mmoe-split-key (a split whose key is \"\")")
+    split.add_argument("--concurrency", type=int, default=8, metavar="N",
+                       help="requests in flight at once with --unit-column (default 8)")
     predict.set_defaults(func=cmd_predict)
 
     export = subparsers.add_parser(
@@ -242,14 +252,53 @@ def cmd_predict(args) -> int:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.server_name and not args.ca_cert:
         raise ValueError("--server-name is the name to check in the server's certificate: it needs --ca-cert (TLS)")
+    if args.unit_column is None and (args.unit_in != "feature" or args.concurrency != 8):
+        raise ValueError("--unit-in and --concurrency go with --unit-column")
+    if args.unit_column is not None:
+        if args.version is not None or args.label:
+            raise ValueError("--unit-column sends rows through the traffic split; --version / --label pin a version "
+                             "and bypass it: give one or the other")
+        if args.concurrency < 1:
+            raise ValueError(f"--concurrency must be >= 1, got {args.concurrency}")
     root = _read(args.ca_cert, "--ca-cert") if args.ca_cert else None
+    served = None
     try:
         with ModelClient(args.server, root_certificates=root, server_name=args.server_name,
                          timeout=args.timeout) as client:
-            scores = client.predict_csv(args.model, args.csv, version=args.version, label=args.label,
-                                        batch_size=args.batch_size)
+            if args.unit_column is None:
+                scores = client.predict_csv(args.model, args.csv, version=args.version, label=args.label,
+                                            batch_size=args.batch_size)
+            else:
+                scores, served = client.predict_csv_by_unit(
+                    args.model, args.csv, args.unit_column, unit_in=args.unit_in, batch_size=args.batch_size,
+                    concurrency=args.concurrency, progress=_request_progress())
     except grpc.RpcError as err:
         print(f"error: {err.code().name}: {err.details()}", file=sys.stderr)
         return 1
-    print(format_scores(scores))
+    print(format_scores(scores, served=served))
+    if served is not None:
+        arms = {arm: int((served["arm"] == arm).sum()) for arm in sorted(set(served["arm"]))}
+        if arms.keys() == {""}:
+            print(f"note: model {args.model!r} is not split on this server: every row was served by version(s) "
+                  f"{sorted(set(served['version'].tolist()))}", file=sys.stderr)
+        else:
+            print("rows per arm: " + ", ".join(f"{arm or '(pinned)'} {n}" for arm, n in arms.items()),
+                  file=sys.stderr)
     return 0
+
+
+def _request_progress(every_seconds: float = 2.0):
+    """A progress callback printing "requests done/total" to stderr at most every `every_seconds`."""
+    import time
+
+    started = time.monotonic()
+    last = [started]  # when the last line was printed (the start: none yet)
+
+    def report(done: int, total: int) -> None:
+        now = time.monotonic()
+        # The last request closes a run of lines; a run short enough to need none prints none.
+        if now - last[0] >= every_seconds or (done == total and last[0] > started):
+            print(f"sent {done:,}/{total:,} requests", file=sys.stderr, flush=True)
+            last[0] = now
+
+    return report

@@ -12,7 +12,7 @@ the dtype that signature declares.
 from __future__ import annotations
 
 import csv
-from typing import Dict, Iterable, List, Optional, Sequence
+from typing import Callable, Dict, Iterable, List, Optional, Sequence
 
 import grpc
 import numpy as np
@@ -106,6 +106,85 @@ class ModelClient:
                  for start in range(0, rows, batch_size)]
         return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
+    def predict_csv_by_unit(self, model: str, path: str, unit_column: str, *, unit_in: str = "feature",
+                            output_filter: Sequence[str] = (), batch_size: int = 4096, concurrency: int = 8,
+                            progress: Optional[Callable[[int, int], None]] = None):
+        """Scores a CSV through the server's traffic split: one request per unit (and `batch_size` rows), since
+        the split gives each unit one arm and refuses a request holding several units.
+
+        `unit_column` names the CSV column identifying each row's unit (e.g. user_id). `unit_in` says where the
+        split reads it: "feature" sends it as an input of that name (a split whose "key" is that column; the
+        server drops it before a signature that does not take it), "metadata" as the gRPC metadata
+        mmoe-split-key (a split whose "key" is ""). Units are grouped as the server hashes them (42, 42.0 and
+        "42" are one unit). Returns (scores, served): scores per task in CSV row order, and served["unit"],
+        served["arm"] (the arm's name; "" where the model is not split) and served["version"] per row.
+        """
+        from serving.ab.split import ARM_METADATA, REQUEST_KEY_METADATA, unit_key
+
+        if batch_size < 1:
+            raise ValueError(f"batch size must be >= 1, got {batch_size}")
+        if concurrency < 1:
+            raise ValueError(f"concurrency must be >= 1, got {concurrency}")
+        if unit_in not in ("feature", "metadata"):
+            raise ValueError(f"unit_in must be 'feature' or 'metadata', got {unit_in!r}")
+        columns = self.raw_inputs(model)
+        if unit_column in columns and unit_in == "metadata":
+            raise ValueError(f"{unit_column!r} is an input of the model; a split keyed by it reads it from the "
+                             f"request's inputs (unit_in='feature')")
+        table = read_csv_columns(path, {**columns, unit_column: columns.get(unit_column, "DT_STRING")})
+        units = [unit_key(value) for value in table[unit_column]]
+        if unit_column not in columns:
+            del table[unit_column]
+        groups: Dict[bytes, List[int]] = {}
+        for row, unit in enumerate(units):
+            if unit is None:
+                raise ValueError(f"{path}:{row + 2}: column {unit_column!r} is empty; every row needs its unit")
+            groups.setdefault(unit, []).append(row)
+        if unit_in == "metadata":
+            for unit in groups:
+                if not all(32 <= b < 127 for b in unit):  # gRPC metadata values are printable ASCII
+                    raise ValueError(f"{path}: unit {unit!r} cannot be sent as gRPC metadata (printable ASCII "
+                                     f"only); split by a feature instead")
+        # (unit, row indices) of each request, units in order of first appearance.
+        requests = [(unit, np.array(rows[start:start + batch_size]))
+                    for unit, rows in groups.items() for start in range(0, len(rows), batch_size)]
+
+        def send(item):
+            unit, rows = item
+            request = predict_pb2.PredictRequest(output_filter=list(output_filter))
+            self._spec(request.model_spec, model, None, None, "predict_raw")
+            for name, column in table.items():
+                request.inputs[name].CopyFrom(to_proto(column[rows]))
+            metadata = None
+            if unit_in == "feature" and unit_column not in columns:
+                request.inputs[unit_column].CopyFrom(to_proto(np.array([unit] * len(rows), dtype=object)))
+            elif unit_in == "metadata":
+                metadata = [(REQUEST_KEY_METADATA, unit.decode())]
+            response, call = self.predictions.Predict.with_call(request, timeout=self.timeout, metadata=metadata)
+            arm = dict(call.trailing_metadata() or ()).get(ARM_METADATA, "")
+            outputs = {k: to_numpy(v, k, 1 << 30) for k, v in response.outputs.items()}
+            return outputs, arm, response.model_spec.version.value
+
+        rows_total = len(units)
+        scores: Dict[str, np.ndarray] = {}
+        served = {"unit": np.empty(rows_total, dtype=object), "arm": np.empty(rows_total, dtype=object),
+                  "version": np.zeros(rows_total, dtype=np.int64)}
+        from concurrent import futures
+
+        with futures.ThreadPoolExecutor(max_workers=concurrency) as pool:
+            for done, ((unit, rows), (outputs, arm, served_version)) in enumerate(
+                    zip(requests, pool.map(send, requests)), start=1):
+                for name, values in outputs.items():
+                    if name not in scores:
+                        scores[name] = np.zeros((rows_total,) + values.shape[1:], dtype=values.dtype)
+                    scores[name][rows] = values
+                served["unit"][rows] = unit.decode(errors="replace")
+                served["arm"][rows] = arm
+                served["version"][rows] = served_version
+                if progress is not None:
+                    progress(done, len(requests))
+        return scores, served
+
     def status(self, model: str, version: Optional[int] = None, label: Optional[str] = None):
         request = get_model_status_pb2.GetModelStatusRequest()
         self._spec(request.model_spec, model, version, label)
@@ -153,12 +232,18 @@ def read_csv_columns(path: str, dtypes: Dict[str, str]) -> Dict[str, np.ndarray]
     return out
 
 
-def format_scores(scores: Dict[str, np.ndarray], tasks: Optional[List[str]] = None) -> str:
-    """One line per row: the row number and each task's score (gate outputs left out)."""
+def format_scores(scores: Dict[str, np.ndarray], tasks: Optional[List[str]] = None,
+                  served: Optional[Dict[str, np.ndarray]] = None) -> str:
+    """One line per row: the row number and each task's score (gate outputs left out); with `served` (from
+    predict_csv_by_unit), then the row's unit, the arm that served it ("-" when not split) and the version."""
     tasks = tasks or [k for k, v in scores.items() if np.ndim(v) == 1]
     tasks = sorted(tasks)
-    lines = ["row\t" + "\t".join(tasks)]
+    extra = ["unit", "arm", "version"] if served is not None else []
+    lines = ["\t".join(["row"] + tasks + extra)]
     n = len(scores[tasks[0]]) if tasks else 0
     for i in range(n):
-        lines.append(f"{i}\t" + "\t".join(f"{float(scores[t][i]):.6f}" for t in tasks))
+        fields = [str(i)] + [f"{float(scores[t][i]):.6f}" for t in tasks]
+        if served is not None:
+            fields += [served["unit"][i], served["arm"][i] or "-", str(served["version"][i])]
+        lines.append("\t".join(fields))
     return "\n".join(lines)

@@ -326,3 +326,76 @@ def test_split_calls_are_logged_with_their_arm(split_server, exports):
     assert not [c for c in frame.columns if c.endswith("_gates")]
     assert logged["in.age"].tolist() == [float(exports.frame["age"].iloc[i + j]) for i in range(6) for j in range(3)]
     assert read_split_config(logger.log_dir) == split.to_dict()
+
+
+def _units_csv(exports, path, users):
+    """The first len(users) rows of the tiny frame, with a user_id column holding `users` (row order)."""
+    frame = exports.frame.iloc[:len(users)].copy()
+    frame["user_id"] = users
+    frame.to_csv(path, index=False)
+    return path
+
+
+def _predict_lines(capsys, argv):
+    from pipelines.cli import main
+
+    assert main(argv) == 0, capsys.readouterr().err
+    captured = capsys.readouterr()
+    lines = [line.split("\t") for line in captured.out.splitlines()]
+    return lines[0], lines[1:], captured.err
+
+
+def test_mmoe_predict_sends_one_request_per_unit_through_the_split(split_server, exports, tmp_path, capsys):
+    srv, split, _ = split_server
+    # Units interleaved, one with more rows than a request holds.
+    users = ["u-3", "u-7", "u-3", "42", "u-9", "u-3", "42", "u-7", "u-3", "u-11", "u-3", "u-12"]
+    csv_path = _units_csv(exports, tmp_path / "rows.csv", users)
+    header, rows, err = _predict_lines(capsys, ["predict", "--server", f"127.0.0.1:{srv.port}", "--model", "census",
+                                                "--csv", str(csv_path), "--unit-column", "user_id",
+                                                "--batch-size", "2", "--concurrency", "3"])
+    assert header == ["row", "income", "marital", "unit", "arm", "version"]
+    assert [r[0] for r in rows] == [str(i) for i in range(len(users))]
+    assert [r[3] for r in rows] == users
+    arms = [split.assign(u.encode()).name for u in users]
+    assert [r[4] for r in rows] == arms and {"A", "B"} <= set(arms)
+    assert [int(r[5]) for r in rows] == [{"A": 1, "B": 2}[a] for a in arms]
+    # Scores in CSV row order (both versions are copies of one model).
+    want = exports.model.predict({k: v[:len(users)] for k, v in exports.model_inputs.items()}, verbose=0)
+    np.testing.assert_allclose([float(r[1]) for r in rows], want["income"], atol=1e-5)
+    assert "rows per arm: A " in err
+
+    # A row without its unit is named before anything is sent.
+    from pipelines.cli import main
+
+    bad = _units_csv(exports, tmp_path / "bad.csv", ["u-1", "", "u-2"])
+    assert main(["predict", "--server", f"127.0.0.1:{srv.port}", "--model", "census", "--csv", str(bad),
+                 "--unit-column", "user_id"]) == 2
+    assert "bad.csv:3: column 'user_id' is empty" in capsys.readouterr().err
+
+
+def test_mmoe_predict_sends_the_unit_as_metadata_to_a_split_keyed_by_metadata(exports, tmp_path, capsys):
+    from serving.models import ModelManager
+    from serving.server import Server
+
+    root = tmp_path / "models"
+    for v in (1, 2):
+        shutil.copytree(exports.plain_dir, root / "census" / str(v))
+    entries = [ModelEntry("census", str(root / "census"), VersionPolicy("all"), {"stable": 1})]
+    split = parse_split_config(json.dumps(_config(key="", salt="by-metadata")))
+    check_split_against_models(split, entries)
+    srv = Server(ModelManager(entries, poll_seconds=3600), port=0, split=split).start()
+    try:
+        users = [f"m-{i}" for i in range(8)]
+        csv_path = _units_csv(exports, tmp_path / "rows.csv", users)
+        argv = ["predict", "--server", f"127.0.0.1:{srv.port}", "--model", "census", "--csv", str(csv_path),
+                "--unit-column", "user_id"]
+        _, rows, _ = _predict_lines(capsys, argv + ["--unit-in", "metadata"])
+        arms = [split.assign(u.encode()).name for u in users]
+        assert [r[4] for r in rows] == arms and len(set(arms)) == 2
+        # As a feature, the server (split by metadata) has no key, and passes user_id to the signature: refused.
+        from pipelines.cli import main
+
+        assert main(argv) == 1
+        assert "INVALID_ARGUMENT" in capsys.readouterr().err
+    finally:
+        srv.stop(1)

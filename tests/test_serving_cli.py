@@ -195,6 +195,12 @@ def test_serve_process_predict_cli_and_sigterm_drain(exports, base_path, tmp_pat
     (["predict", "--server", "localhost:1", "--model", "m", "--csv", "x.csv", "--batch-size", "0"],
      "--batch-size must be >= 1"),
     (["export", "/no/such/run", "--base-path", "/tmp/x", "--version", "0"], "--version must be >= 1"),
+    (["predict", "--server", "localhost:1", "--model", "m", "--csv", "x.csv", "--unit-column", "u",
+      "--version", "2"], "bypass it"),
+    (["predict", "--server", "localhost:1", "--model", "m", "--csv", "x.csv", "--unit-in", "metadata"],
+     "go with --unit-column"),
+    (["predict", "--server", "localhost:1", "--model", "m", "--csv", "x.csv", "--unit-column", "u",
+      "--concurrency", "0"], "--concurrency must be >= 1"),
 ])
 def test_serve_argument_errors(argv, message, capsys):
     assert main(argv) == 2

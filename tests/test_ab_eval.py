@@ -157,6 +157,67 @@ def test_online_join_keeps_first_exposure_and_counts_missing_outcomes(tmp_path):
     assert report["overall"]["income"]["rows_a"] == 600 and report["overall"]["income"]["rows_b"] == 500
 
 
+def test_online_heads_with_unknown_outcomes_keep_their_own_rows(tmp_path):
+    # Outcomes not known yet for some units of one head only: that head compares fewer rows (each head is
+    # resampled on its own rows), the other head all of them.
+    logs, labels = _fake_logs(400, 400)
+    labels["marital_label"] = labels["marital_label"].astype(str)
+    labels.loc[::40, "marital_label"] = ""
+    labels.to_csv(tmp_path / "labels.csv", index=False)
+    report = evaluate_online("logs", str(tmp_path / "labels.csv"), None, None, logs=logs, split=SPLIT,
+                             settings=Settings(resamples=30))
+    assert (report["overall"]["income"]["rows_a"], report["overall"]["income"]["rows_b"]) == (400, 400)
+    assert (report["overall"]["marital"]["rows_a"], report["overall"]["marital"]["rows_b"]) == (390, 390)
+    assert report["join"]["per_head"]["marital"]["A"] == {"no_score": 0, "outcome_unknown": 10}
+    assert np.isfinite(report["overall"]["marital"]["metrics"]["auc"]["se"])
+
+
+def test_online_classify_calls_log_one_head_per_row_and_every_head_keeps_its_units(tmp_path):
+    # A Classify / Regress call is logged as one row per head signature, holding only that head's output; the
+    # first row of a unit then lacks the other head, which must still be compared on every unit.
+    logs, labels = _fake_logs(300, 300)
+    income_rows = logs.drop(columns=["out.marital"])
+    marital_rows = logs.drop(columns=["out.income"]).assign(time_ms=logs["time_ms"] + 10_000)
+    logs = pd.concat([income_rows, marital_rows], ignore_index=True)
+    labels.to_csv(tmp_path / "labels.csv", index=False)
+    report = evaluate_online("logs", str(tmp_path / "labels.csv"), None, None, logs=logs, split=SPLIT,
+                             settings=Settings(resamples=20))
+    for head in ("income", "marital"):
+        assert (report["overall"][head]["rows_a"], report["overall"][head]["rows_b"]) == (300, 300), head
+    assert report["join"]["predictions_compared"] == 600
+
+
+def test_online_sample_ratio_counts_units_not_requests(tmp_path):
+    # A split keyed by request metadata ("key": ""), the unit given as --key: a sound 50/50 split of units whose
+    # request counts are heavy-tailed. Counted per request, arm B's few heavy users would flag it.
+    split = {**SPLIT, "key": ""}
+    logs, labels = _fake_logs(500, 500)
+    heavy = pd.concat([logs.iloc[[500 + i]] for i in range(10) for _ in range(200)], ignore_index=True)
+    logs = pd.concat([logs, heavy.assign(time_ms=heavy["time_ms"] + 5000)], ignore_index=True)
+    labels.to_csv(tmp_path / "labels.csv", index=False)
+    report = evaluate_online("logs", str(tmp_path / "labels.csv"), "user_id", None, logs=logs, split=split,
+                             settings=Settings(resamples=20))
+    assert report["srm"]["counts"] == {"A": 500, "B": 500} and not report["srm"]["flagged"]
+    assert report["srm"]["units"] == "distinct values of 'user_id'"
+
+
+def test_online_keys_are_exact_64_bit_integers_and_versions_per_arm_are_reported(tmp_path):
+    # Two ids one apart above 2**53 are two units (a float would merge them), in the logs and in the labels.
+    logs, labels = _fake_logs(300, 300)
+    base = 1234567890123456789
+    logs["in.user_id"] = pd.array([base + i for i in range(600)], dtype="Int64")
+    labels["user_id"] = [str(base + i) for i in range(600)]
+    logs.loc[logs.index[-5:], "version"] = 3  # arm B's label moved to version 3 for its last 5 requests
+    labels.to_csv(tmp_path / "labels.csv", index=False)
+    lines = []
+    report = evaluate_online("logs", str(tmp_path / "labels.csv"), None, None, logs=logs, split=SPLIT,
+                             settings=Settings(resamples=20), progress=lines.append)
+    assert report["srm"]["counts"] == {"A": 300, "B": 300}
+    assert report["join"]["predictions_without_outcome"] == 0 and report["overall"]["income"]["rows_b"] == 300
+    assert report["join"]["versions_by_arm"] == {"A": {1: 300}, "B": {2: 295, 3: 5}}
+    assert any("arm 'B' was served by versions [2, 3]" in line for line in lines)
+
+
 def test_online_bad_input(tmp_path):
     logs, labels = _fake_logs(300, 300)
     labels.drop(columns=["marital_label"]).to_csv(tmp_path / "labels.csv", index=False)
@@ -210,3 +271,27 @@ def test_online_through_the_real_prediction_log_reader(tmp_path, capsys):
     assert report["srm"]["counts"] == {"A": 300, "B": 300} and not report["srm"]["flagged"]
     assert report["overall"]["income"]["rows_a"] == 300
     assert "income" in capsys.readouterr().out
+
+
+def test_prediction_logs_keep_64_bit_integer_features_exact(tmp_path):
+    import tensorflow as tf
+    from tensorflow_serving.apis import predict_pb2
+
+    from serving.ab.prediction_log import PredictionLogger, read_prediction_logs
+
+    logger = PredictionLogger(str(tmp_path / "logs"), split=SPLIT)
+    ids = [1234567890123456789, 1234567890123456790]
+    for unit in ids:
+        request = predict_pb2.PredictRequest()
+        request.model_spec.name = "census"
+        request.inputs["user_id"].CopyFrom(tf.make_tensor_proto(np.array([unit], np.int64)))
+        response = predict_pb2.PredictResponse()
+        response.model_spec.version.value = 1
+        response.outputs["income"].CopyFrom(tf.make_tensor_proto(np.array([0.5], np.float32)))
+        logger.log("predict", request, response, "A")
+    # A request without the id: the column has a missing value and must stay integral.
+    logger.log("predict", predict_pb2.PredictRequest(), response, "A")
+    logger.close()
+    frame = read_prediction_logs(str(tmp_path / "logs"))
+    assert frame["in.user_id"].tolist()[:2] == ids and pd.isna(frame["in.user_id"].iloc[2])
+    assert frame["out.income"].dtype == np.float64

@@ -85,7 +85,7 @@ def test_degraded_head_is_b_worse_and_unchanged_head_no_difference():
     heads = {"income": _heads(y, p_income, noised), "marital": _heads(y2, p_marital, p_marital),
              "level": _heads(level, pred, pred + rng.normal(scale=0.5, size=5000), kind="regression")}
     results = stats.compare(heads, Settings(resamples=300), paired=True)
-    stats.judge([results], 0.05)
+    stats.judge([results], Settings())
     assert results["income"]["verdict"] == stats.B_WORSE
     assert results["income"]["metrics"]["auc"]["ci"][1] < 0
     assert results["level"]["verdict"] == stats.B_WORSE  # RMSE went up
@@ -95,12 +95,15 @@ def test_degraded_head_is_b_worse_and_unchanged_head_no_difference():
     for m in marital["metrics"].values():
         assert m["diff"] == 0 and m["ci"][0] <= 0 <= m["ci"][1]
     assert marital["test"]["p_holm"] == 1.0
-    # The MDE is 2.80 x the bootstrap SE of the primary metric.
+    # The MDE is 2.80 x the bootstrap SE of the primary metric for one test; judged as a family of three heads,
+    # z(1 - 0.05 / 6) + z(0.8) = 3.2356 (Holm's first step, its strictest level), where its test has 80 % power.
     income = results["income"]["test"]
-    assert income["mde"] == pytest.approx(2.8016 * income["se_bootstrap"], rel=1e-3)
+    assert income["mde_per_test"] == pytest.approx(2.8016 * income["se_bootstrap"], rel=1e-3)
+    assert income["tests_in_family"] == 3
+    assert income["mde"] == pytest.approx(3.2356 * income["se_bootstrap"], rel=1e-3)
     # B better when the roles swap.
     swapped = stats.compare({"income": _heads(y, noised, p_income)}, Settings(resamples=100), paired=True)
-    stats.judge([swapped], 0.05)
+    stats.judge([swapped], Settings())
     assert swapped["income"]["verdict"] == stats.B_BETTER
 
 
@@ -120,7 +123,7 @@ def test_unpaired_comparison_finds_the_worse_arm():
     yb, pb, _ = _binary(3000, 6, signal=0.3)  # the other arm's model separates the classes less
     results = stats.compare({"income": {"kind": "binary", "labels_a": ya, "scores_a": pa, "labels_b": yb,
                                         "scores_b": pb}}, Settings(resamples=200), paired=False)
-    stats.judge([results], 0.05)
+    stats.judge([results], Settings())
     r = results["income"]
     assert r["rows_a"] == 4000 and r["rows_b"] == 3000
     assert r["test"]["method"] == "DeLong (unpaired)" and r["verdict"] == stats.B_WORSE
@@ -139,7 +142,7 @@ def test_sample_ratio_mismatch_flags_a_skewed_split_only():
 def test_small_slices_are_marked_not_judged():
     y, p, _ = _binary(150, 7)
     results = stats.compare({"income": _heads(y, p, p)}, Settings(resamples=50, min_rows=200), paired=True)
-    stats.judge([results], 0.05)
+    stats.judge([results], Settings())
     assert "metrics" not in results["income"]
     assert results["income"]["verdict"].startswith("too small: 150 rows")
 

@@ -96,6 +96,22 @@ def test_reader_errors(tmp_path):
     assert json.loads((tmp_path / "split.json").read_text()) is None and read_split_config(str(tmp_path)) is None
 
 
+def test_a_log_directory_holds_one_split(tmp_path):
+    split = {"model": "census", "key": "user_id", "salt": "s", "arms": [
+        {"name": "A", "version": 1, "label": None, "fraction": 0.9},
+        {"name": "B", "version": 2, "label": None, "fraction": 0.1}]}
+    logger = PredictionLogger(str(tmp_path), split=split)
+    _log(logger, 2)
+    logger.close()
+    PredictionLogger(str(tmp_path), split=split).close()  # a restart with the same split appends
+    rows = len(read_prediction_logs(str(tmp_path)))
+    ramped = {**split, "arms": [{**split["arms"][0], "fraction": 0.5}, {**split["arms"][1], "fraction": 0.5}]}
+    for other in (ramped, {**split, "salt": "s2"}, None):
+        with pytest.raises(ValueError, match="holds logs of another traffic split"):
+            PredictionLogger(str(tmp_path), split=other)
+    assert read_split_config(str(tmp_path)) == split and len(read_prediction_logs(str(tmp_path))) == rows > 0
+
+
 def test_rotation_by_size_gives_several_files_that_all_read_back(tmp_path):
     logger = PredictionLogger(str(tmp_path), max_file_bytes=2000)
     for batch in range(6):  # flushes (and rotation checks) happen between the writer's batches

@@ -270,14 +270,14 @@ def evaluate_offline(a: ModelRef, b: ModelRef, data: str, out_dir: str, *, spec=
                     "labels_b": pick(labels[h]), "scores_b": pick(scores_b[h])} for h, kind in compared.items()}
 
     overall = stats.compare(head_inputs(), settings, paired=True, progress=progress, what="overall: ")
-    stats.judge([overall], settings.alpha)
+    stats.judge([overall], settings)
     slice_results = {}
     for column in slices:
         per_value = {}
         for value, mask in slice_masks(frame, column).items():
             per_value[value] = stats.compare(head_inputs(mask), settings, paired=True, progress=progress,
                                              what=f"{column}={value}: ")
-        stats.judge(list(per_value.values()), settings.alpha)
+        stats.judge(list(per_value.values()), settings)
         slice_results[column] = per_value
 
     report = report_lib.build_report(

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from typing import Dict, Optional, Sequence
 
 import numpy as np
@@ -36,16 +37,26 @@ from serving.ab import stats
 from serving.ab.stats import Progress, Settings
 
 
+_INTEGER_TEXT = re.compile(r"[+-]?\d+(\.0*)?")
+
+
 def key_text(values) -> np.ndarray:
     """Keys as comparable text: stripped, and numbers that are integral written as integers ("1234.0" and
-    1234.0 -> "1234"), so a key logged as a float matches the same key in the labels CSV.  NaN -> ""."""
+    1234.0 -> "1234"), so a key logged as a float matches the same key in the labels CSV.  NaN -> "".
+    Integers and integer text are converted exactly (a 64-bit id is not rounded through a float)."""
+    import pandas as pd
+
     out = []
     for v in values:
         text = str(v).strip()
-        if isinstance(v, (float, np.floating)) and math.isnan(v):
+        if not isinstance(v, (str, bytes)) and pd.isna(v):  # NaN, None, pandas' NA (an Int64 column's missing)
             text = ""
+        elif isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_)):
+            text = str(int(v))
+        elif _INTEGER_TEXT.fullmatch(text):
+            text = str(int(text.split(".")[0]))
         elif _is_number(text) and math.isfinite(float(text)) and float(text).is_integer():
-            text = str(int(float(text)))
+            text = str(int(float(text)))  # e.g. "1e3"
         out.append(text)
     return np.array(out, dtype=object)
 
@@ -156,19 +167,29 @@ def evaluate_online(log_dir: str, labels_path: str, key: Optional[str] = None, o
         raise ValueError(f"--key {key}: not a logged input feature; logged features: "
                          f"{sorted(c[3:] for c in logs.columns if c.startswith('in.'))}")
 
-    # Sample-ratio mismatch over every logged split unit.
-    keys_by_arm = {a: key_text(split_rows.loc[split_rows["arm"] == a, key_column]) for a in arms}
-    keyed = bool(split["key"]) and split["key"] == key
-    counts = {a: (len(set(k) - {""}) if keyed else len(k)) for a, k in keys_by_arm.items()}
+    # Sample-ratio mismatch over every logged split unit: distinct units, not logged examples (a unit makes any
+    # number of requests, so examples per arm are clustered and their chi-square alarms on a sound split). The
+    # split's own key where it was logged, else --key (a split keyed by metadata).
+    srm_key = split["key"] if split["key"] and f"in.{split['key']}" in logs.columns else key
+    keys_by_arm = {a: key_text(split_rows.loc[split_rows["arm"] == a, f"in.{srm_key}"]) for a in arms}
+    counts = {a: len(set(k) - {""}) for a, k in keys_by_arm.items()}
     srm = stats.sample_ratio_mismatch(counts, {a["name"]: a["fraction"] for a in split["arms"]}, srm_threshold)
-    srm["units"] = f"distinct values of {key!r}" if keyed else "logged examples (the split key was not logged)"
+    srm["units"] = f"distinct values of {srm_key!r}"
 
-    # One prediction per unit and arm: the first, and no unit in both arms.
+    # No unit in both arms; each head then keeps the unit's first prediction of it in its arm (below).
     rows = split_rows[split_rows["arm"].isin([control, treatment])].copy()
     rows["key"] = key_text(rows[key_column])
-    rows = rows[rows["key"] != ""].sort_values("time_ms", kind="stable").drop_duplicates(["arm", "key"])
+    rows = rows[rows["key"] != ""].sort_values("time_ms", kind="stable")
     both = set(rows.loc[rows["arm"] == control, "key"]) & set(rows.loc[rows["arm"] == treatment, "key"])
     rows = rows[~rows["key"].isin(both)]
+    units = rows.drop_duplicates(["arm", "key"])
+    # Versions each arm was served by: a label moved during the test pools two models in one arm.
+    versions = {arm: {int(v): int(n) for v, n in rows.loc[rows["arm"] == arm, "version"].value_counts().items()}
+                for arm in (control, treatment)}
+    for arm, served in versions.items():
+        if len(served) > 1:
+            say(f"warning: arm {arm!r} was served by versions {sorted(served)} (a label moved during the test?); "
+                f"they are compared as one arm")
 
     labels = read_labels(labels_path, key)
     outputs = [c[4:] for c in logs.columns if c.startswith("out.")]
@@ -191,26 +212,36 @@ def evaluate_online(log_dir: str, labels_path: str, key: Optional[str] = None, o
         raise ValueError(f"--labels {labels_path}: no label column for any logged head {outputs} (name a column "
                          f"after the head or <head>_label); columns: {list(labels.columns)}")
     joined = rows[rows["key"].isin(labels.index)]
+    joined_units = units[units["key"].isin(labels.index)]
     join = {"split_units_logged": int(sum(counts.values())), "units_in_both_arms_dropped": len(both),
-            "predictions_compared": int(len(rows)), "predictions_without_outcome": int(len(rows) - len(joined)),
-            "outcomes_without_prediction": int(len(set(labels.index) - set(rows["key"])))}
+            "predictions_compared": int(len(units)),
+            "predictions_without_outcome": int(len(units) - len(joined_units)),
+            "outcomes_without_prediction": int(len(set(labels.index) - set(units["key"]))),
+            "versions_by_arm": versions, "per_head": {}}
     if joined.empty:
         raise ValueError(f"no logged prediction of arms {control!r}/{treatment!r} has an outcome in {labels_path} "
-                         f"(keys compared as text; e.g. logged {list(rows['key'][:3])}, labels "
+                         f"(keys compared as text; e.g. logged {list(units['key'][:3])}, labels "
                          f"{list(labels.index[:3])})")
-    say(f"{len(joined):,} predictions joined with outcomes ({join['predictions_without_outcome']:,} without)")
+    say(f"{len(joined_units):,} predictions joined with outcomes ({join['predictions_without_outcome']:,} without)")
 
     inputs, kinds, data = {}, {}, {}
     for head in chosen:
         y_all = _outcomes(labels[label_columns[head]], labels_path, head)
         y_by_key = dict(zip(labels.index, y_all))
-        per_arm = {}
+        # A Classify / Regress call logs one head per record, so a unit's first row may lack this head's score:
+        # the unit's first prediction *of this head* is the one kept.
+        scored = joined[np.isfinite(joined[f"out.{head}"].to_numpy(dtype="float64"))]
+        scored = scored.drop_duplicates(["arm", "key"])
+        per_arm, lost = {}, {}
         for arm_name, arm in (("A", control), ("B", treatment)):
-            part = joined[joined["arm"] == arm]
+            part = scored[scored["arm"] == arm]
             y = np.array([y_by_key[k] for k in part["key"]], dtype="float64")
             p = part[f"out.{head}"].to_numpy(dtype="float64")
-            known = np.isfinite(y) & np.isfinite(p)
+            known = np.isfinite(y)
             per_arm[arm_name] = (y[known], p[known], part[known.tolist()])
+            arm_units = joined_units[joined_units["arm"] == arm]
+            lost[arm] = {"no_score": int(len(arm_units) - len(part)), "outcome_unknown": int((~known).sum())}
+        join["per_head"][head] = lost
         ys = np.concatenate([per_arm["A"][0], per_arm["B"][0]])
         kinds[head] = _head_kind(head, ys, np.concatenate([per_arm["A"][1], per_arm["B"][1]]), labels_path)
         data[head] = per_arm
@@ -221,7 +252,7 @@ def evaluate_online(log_dir: str, labels_path: str, key: Optional[str] = None, o
                 raise ValueError(f"head {head!r}: arm {control if arm_name == 'A' else treatment!r} has no "
                                  f"prediction with a known outcome")
     overall = stats.compare(inputs, settings, paired=False, progress=progress, what="overall: ")
-    stats.judge([overall], settings.alpha)
+    stats.judge([overall], settings)
 
     slice_results = {}
     for column in slices:
@@ -242,7 +273,7 @@ def evaluate_online(log_dir: str, labels_path: str, key: Optional[str] = None, o
                 sliced[head] = h
             per_value[str(value)] = stats.compare(sliced, settings, paired=False, progress=progress,
                                                   what=f"{column}={value}: ")
-        stats.judge(list(per_value.values()), settings.alpha)
+        stats.judge(list(per_value.values()), settings)
         slice_results[column] = per_value
 
     arm_info = {a["name"]: a for a in split["arms"]}

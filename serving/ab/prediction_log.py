@@ -41,6 +41,7 @@ import time
 from typing import Dict, Iterator, List, Optional, Tuple
 
 import google_crc32c  # already a dependency (via apache-beam / google-cloud-storage)
+import numpy as np
 
 log = logging.getLogger("mmoe.serving")
 
@@ -196,6 +197,14 @@ class PredictionLogger:
         if queue_size < 1:
             raise ValueError(f"prediction log queue size must be >= 1, got {queue_size}")
         os.makedirs(log_dir, exist_ok=True)
+        if log_files(log_dir) and os.path.isfile(os.path.join(log_dir, SPLIT_FILE)):
+            earlier = read_split_config(log_dir)
+            if earlier != split:
+                # One split.json describes every file of the directory: logs of two splits (another salt, a ramp
+                # of the fractions, no split) would be evaluated as one experiment under the newer split.
+                raise ValueError(f"prediction log directory {log_dir} holds logs of another traffic split "
+                                 f"({json.dumps(earlier)}); give this split its own --prediction-log-dir, or move "
+                                 f"the old logs away")
         self.log_dir = log_dir
         self.sampling_rate = sampling_rate
         self.max_file_bytes = max_file_bytes
@@ -342,12 +351,24 @@ def read_prediction_logs(log_dir: str):
     if not rows:
         raise ValueError(f"prediction log directory {log_dir} holds no complete record "
                          f"({len(files)} log file(s): {LOG_PREFIX}*{LOG_SUFFIX}[{TMP_SUFFIX}])")
-    frame = pd.DataFrame(rows)
+    # Built as objects, then typed per column: pandas would turn an integer column with a missing value into
+    # float64, and a 64-bit unit id (an int64 feature) would be rounded, merging units.
+    frame = pd.DataFrame(rows, dtype=object)
     fixed = ["arm", "model", "version", "signature", "time_ms"]
     inputs = sorted(c for c in frame.columns if c.startswith("in."))
     outputs = sorted(c for c in frame.columns if c.startswith("out."))
     frame = frame[fixed + inputs + outputs]
-    return frame.astype({"version": "int64", "time_ms": "int64"})
+    for column in inputs + outputs:
+        frame[column] = _typed(frame[column])
+    return frame.astype({"arm": str, "model": str, "signature": str, "version": "int64", "time_ms": "int64"})
+
+
+def _typed(column):
+    """An object column as float64 / str objects as before, or nullable Int64 when it holds only integers."""
+    present = column[column.notna()]
+    if len(present) and present.map(lambda v: isinstance(v, int)).all():
+        return column.astype("Int64")
+    return column.infer_objects()
 
 
 def _rows_of(record: bytes, path: str) -> List[dict]:
@@ -413,6 +434,8 @@ def _columns_to_rows(columns: Dict[str, object]) -> List[dict]:
 def _scalar(value):
     if isinstance(value, bytes):
         return value.decode(errors="replace")
+    if isinstance(value, (np.integer, int)) and not isinstance(value, (bool, np.bool_)):
+        return int(value)  # exactly: a 64-bit id must not be rounded through a float
     return float(value)
 
 

@@ -56,7 +56,7 @@ def _rows(result: dict) -> str:
 
 
 def verdict_lines(results: Dict[str, dict], prefix: str = "") -> List[List[str]]:
-    """Table rows: head, rows, metric, A, B, B - A [CI], p (Holm), MDE, verdict."""
+    """Table rows (under verdict_header): head, rows, metric, A, B, B - A [CI], p (Holm), MDE, verdict."""
     lines = []
     for head, r in results.items():
         if "test" not in r:
@@ -70,7 +70,13 @@ def verdict_lines(results: Dict[str, dict], prefix: str = "") -> List[List[str]]
     return lines
 
 
-_VERDICT_HEADER = ["head", "rows", "metric", "A", "B", "B - A [95% CI]", "p (Holm)", "MDE", "verdict"]
+def verdict_header(report: dict) -> List[str]:
+    return ["head", "rows", "metric", "A", "B", f"B - A [{_level(report)} CI]", "p (Holm)", "MDE", "verdict"]
+
+
+def _level(report: dict) -> str:
+    """The intervals' level as a percentage ("95%", "90%", "99.5%")."""
+    return f"{100 * report['settings']['ci_level']:.3g}%"
 
 
 def _text_table(header: List[str], rows: List[List[str]]) -> str:
@@ -90,7 +96,7 @@ def verdict_table(report: dict) -> str:
     lines = []
     if report.get("srm") and report["srm"].get("flagged"):
         lines.append("!! " + report["srm"]["message"])
-    lines.append(_text_table(_VERDICT_HEADER, verdict_lines(report["overall"])))
+    lines.append(_text_table(verdict_header(report), verdict_lines(report["overall"])))
     listed = _listed_heads(report)
     if listed:
         lines.append(listed)
@@ -122,28 +128,34 @@ def markdown(report: dict, figures: Dict[str, str]) -> str:
     data = report["data"]
     out += ["* data: " + ", ".join(f"{k} `{v}`" for k, v in data.items()),
             f"* comparison: {report['comparison']}; {s['resamples']} bootstrap resamples (seed {s['seed']}), "
-            f"{100 * s['ci_level']:.0f}% percentile intervals; AUC tested with DeLong, RMSE with the bootstrap SE; "
+            f"{_level(report)} percentile intervals; AUC tested with DeLong, RMSE with the bootstrap SE; "
             f"p-values Holm-corrected ({s['multiple_testing']}); verdict at alpha {s['alpha']}.",
+            "* The intervals, and the p-values of the metrics table, are per metric and unadjusted; the verdict "
+            "is the Holm-adjusted test of each head's primary metric, so an interval can exclude 0 where the "
+            "verdict finds no difference.",
             f"* MDE (minimum detectable effect of the primary metric at this sample size, power {s['power']}): "
-            f"(z(1 - alpha/2) + z(power)) x bootstrap SE = {s['mde_factor']:.2f} x SE.",
+            f"(z(1 - alpha/(2m)) + z(power)) x bootstrap SE, m the tests judged together (Holm's strictest "
+            f"level; {s['mde_factor']:.2f} x SE for one test).",
             f"* slices with fewer than {s['min_rows']} rows (per arm) or fewer than {s['min_class']} positives or "
             f"negatives are marked, not judged.", ""]
     listed = _listed_heads(report)
     if listed:
         out += [f"Not compared: {listed}.", ""]
-    out += ["## Verdict", "", _md_table(_VERDICT_HEADER, verdict_lines(report["overall"])), "", "## Metrics", ""]
+    out += ["## Verdict", "", _md_table(verdict_header(report), verdict_lines(report["overall"])), "", "## Metrics",
+            ""]
     rows = []
     for head, r in report["overall"].items():
         for name, m in r.get("metrics", {}).items():
             rows.append([head, _METRIC_NAMES[name], _num(m["a"]), _num(m["b"]), f"{m['diff']:+.4f}",
                          f"[{m['ci'][0]:+.4f}, {m['ci'][1]:+.4f}]", _num(m["se"]), _p(m["p_value"])])
-    out += [_md_table(["head", "metric", "A", "B", "B - A", "95% CI", "SE", "p (unadjusted)"], rows), ""]
+    out += [_md_table(["head", "metric", "A", "B", "B - A", f"{_level(report)} CI (unadjusted)", "SE",
+                       "p (unadjusted)"], rows), ""]
     for column, values in report["slices"].items():
         out += [f"## Slices by `{column}`", ""]
         rows = []
         for value, results in values.items():
             rows += verdict_lines(results, prefix=f"{column}={value}: ")
-        out += [_md_table(_VERDICT_HEADER, rows), ""]
+        out += [_md_table(verdict_header(report), rows), ""]
     if figures:
         out += ["## Plots", ""] + [f"![{name}]({os.path.basename(path)})" for name, path in figures.items()] + [""]
     return "\n".join(out)

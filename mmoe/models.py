@@ -90,9 +90,11 @@ def build_model(config: ModelConfig, features: Sequence[InputFeature], tasks: Se
     if config.arch in ("mmoe", "omoe"):
         x = embed()
         expert_out = experts(config.num_experts, "")(x)
-        shared_gate = gate(config.num_experts, "") if config.arch == "omoe" else None
+        # OMoE's one gate runs once for all tasks: called per task it would add its balance loss once per task
+        # and, noisy top-k, draw each task its own noise (so its own experts) in training.
+        shared_gate = gate(config.num_experts, "")(x) if config.arch == "omoe" else None
         for t in tasks:
-            g = shared_gate(x) if shared_gate is not None else gate(config.num_experts, f"_{t.name}")(x)
+            g = shared_gate if shared_gate is not None else gate(config.num_experts, f"_{t.name}")(x)
             task_inputs[t.name] = ExpertMixture(name=f"{MIXTURE_PREFIX}{t.name}")([g, expert_out])
     elif config.arch == "shared_bottom":
         x = embed()

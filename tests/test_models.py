@@ -79,6 +79,17 @@ def test_gate_outputs_share_weights_and_sum_to_one(toy):
     assert with_gate_outputs(shared_bottom) is shared_bottom
 
 
+def test_omoe_runs_its_one_gate_once_for_all_tasks(toy):
+    # Noisy top-k in training draws fresh noise per call: the tasks see one draw, and one balance loss is added.
+    features, tasks, _, test = toy
+    config = ModelConfig(arch="omoe", gate="noisy_top_k", top_k=2, balance_loss_weight=0.01, **SMALL)
+    analysis = with_gate_outputs(build_model(config, features, tasks))
+    batch = {k: v[:64] for k, v in test.inputs.items()}
+    out = analysis(batch, training=True)
+    np.testing.assert_array_equal(np.asarray(out["xor" + GATES_SUFFIX]), np.asarray(out["level" + GATES_SUFFIX]))
+    assert len(analysis.losses) == 1
+
+
 def test_mixed_precision_computes_experts_and_towers_in_bfloat16(toy):
     features, tasks, train, test = toy
     config = ModelConfig(arch="mmoe", mixed_precision=True, **SMALL)

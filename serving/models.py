@@ -321,12 +321,16 @@ class Servable:
             count += 1
         if first is not None and self._batchers and self.export_info.get("xla"):
             # Merged batches take any size up to max_batch_size; the XLA export pads them to powers of
-            # two, so compile each of those buckets now rather than stall the first batch that hits one.
+            # two, so compile each of those buckets now rather than stall the first batch that hits one:
+            # up to the power of two that max_batch_size itself pads to (1000 -> 1024).
             sig, inputs = first
             size, limit = 1, max(b.max_batch_size for b in self._batchers.values())
-            while size <= limit:
+            while True:
                 self._call(sig, {k: np.resize(v, (size,) + v.shape[1:]) for k, v in inputs.items()})
-                size, count = size * 2, count + 1
+                count += 1
+                if size >= limit:
+                    break
+                size *= 2
         return count
 
     # -- lifetime --------------------------------------------------------------------------------------

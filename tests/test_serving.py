@@ -460,6 +460,20 @@ def _server_recording_batches(model_root, batch_timeout_micros, **server_options
     return srv, batch_sizes
 
 
+def test_warmup_compiles_every_padded_batch_size_of_the_xla_export(exports):
+    # max_batch_size 100: merged batches of 65-100 rows are padded to 128, which warmup must compile too.
+    from serving.models import Servable
+
+    servable = Servable("census", 1, exports.xla_dir, BatchingParameters(max_batch_size=100), 8192)
+    sizes, call = [], servable._call
+    servable._call = lambda sig, inputs: (sizes.append(len(next(iter(inputs.values())))), call(sig, inputs))[1]
+    try:
+        servable.warmup()
+    finally:
+        servable.retire()
+    assert {1, 2, 4, 8, 16, 32, 64, 128} <= set(sizes) and max(sizes) == 128
+
+
 def test_waiting_requests_hold_no_thread(model_root, examples, stub):
     """32 requests wait in the batch queue at once on a server with ONE model thread: they merge into a batch.
 

@@ -19,6 +19,7 @@ import numpy as np
 from tensorflow_serving.apis import (get_model_metadata_pb2, get_model_status_pb2, model_service_pb2_grpc,
                                      predict_pb2, prediction_service_pb2_grpc)
 
+from features.io import ASCII_WHITESPACE
 from serving.tensors import to_numpy, to_proto
 
 MISSING_VALUES = ("", "?", "NA", "nan", "NaN")
@@ -216,7 +217,7 @@ def read_csv_columns(path: str, dtypes: Dict[str, str]) -> Dict[str, np.ndarray]
         for line, row in enumerate(rows, start=2):
             if len(row) != len(header):
                 raise ValueError(f"{path}:{line}: {len(row)} fields, the header has {len(header)}")
-            values.append(row[i].strip())
+            values.append(row[i].strip(ASCII_WHITESPACE))  # as training data is read
         if dtype == "DT_FLOAT":
             try:
                 numbers = np.array([np.nan if v in MISSING_VALUES else float(v) for v in values])

@@ -116,6 +116,36 @@ def test_example_gen_reader_types_and_leniency(tmp_path):
         list(file_to_examples(str(path), dataset_spec_to_dict(spec)))
 
 
+def test_example_gen_reads_a_file_as_mmoe_train_does(tmp_path):
+    # A byte-order mark before the header, and values padded with ASCII and with Unicode spaces: the pipeline's
+    # reader and features.io.read_dataset agree, stripping only what tf.strings.strip strips in serving.
+    import textwrap
+
+    from features.io import read_dataset
+    from features.spec import load_dataset_spec
+    from pipelines.components.spec_example_gen import read_columns
+
+    config = tmp_path / "clicks.yaml"
+    config.write_text(textwrap.dedent("""
+        name: clicks
+        columns: [age, country, clicked]
+        header: true
+        features:
+          - {name: age, type: numeric}
+          - {name: country, type: categorical}
+        tasks:
+          - {name: clicked, kind: binary, column: clicked, positive: ["yes"]}
+        """))
+    spec = load_dataset_spec(config)
+    path = tmp_path / "rows.csv"
+    path.write_bytes("\ufeffage,country,clicked\n30, us\t,yes\n41,fr\u00a0,no\n".encode("utf-8"))
+    pipeline = read_columns(str(path), spec)
+    local = read_dataset(path, spec)
+    assert sorted(pipeline) == ["age", "clicked", "country"]
+    assert pipeline["country"].tolist() == local["country"].tolist() == ["us", "fr\u00a0"]
+    assert pipeline["age"].tolist() == ["30", "41"] and local["age"].tolist() == [30.0, 41.0]
+
+
 def _census_frame(n):
     """The first n sample rows as ExampleGen types them (float columns, str for bytes), as a DataFrame."""
     import pandas as pd

@@ -234,6 +234,9 @@ def test_csv_reader_errors(tmp_path):
     path.write_text("age,sex\n?,Female\n")
     columns = read_csv_columns(str(path), {"age": "DT_FLOAT", "sex": "DT_STRING"})
     assert np.isnan(columns["age"][0]) and columns["sex"][0] == b"Female"
+    # ASCII whitespace is stripped, a Unicode space kept: as the training reader and tf.strings.strip do.
+    path.write_text("age,sex\n40, Female\t\n41,Male\u00a0\n", encoding="utf-8")
+    assert read_csv_columns(str(path), {"sex": "DT_STRING"})["sex"].tolist() == [b"Female", "Male\u00a0".encode()]
 
 
 def test_a_certificate_and_key_that_are_not_a_pem_pair_are_named(tmp_path, capsys):

@@ -43,7 +43,6 @@ from tfx.dsl.io import fileio
 from tfx.types import standard_component_specs
 
 DATASET_KEY = "dataset"
-_GZIP_MAGIC = b"\x1f\x8b"
 _BATCH_ROWS = 8192
 
 
@@ -52,17 +51,16 @@ class InputDataError(ValueError):
 
 
 def _read_text(path: str) -> str:
-    with fileio.open(path, "rb") as fh:
+    from features.io import GZIP_MAGIC, decode_text
+
+    with fileio.open(path, "rb") as fh:  # fileio: the pipeline's input may be remote (gs://, s3://)
         raw = fh.read()
-    if raw[:2] == _GZIP_MAGIC:
+    if raw[:2] == GZIP_MAGIC:
         try:
             raw = gzip.decompress(raw)
         except (OSError, EOFError) as e:
             raise InputDataError(f"{path}: cannot read gzip file: {e}") from None
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError:
-        return raw.decode("latin-1")
+    return decode_text(raw)
 
 
 def read_columns(path: str, spec) -> Dict[str, np.ndarray]:
@@ -96,15 +94,13 @@ def read_columns(path: str, spec) -> Dict[str, np.ndarray]:
     frame = pd.read_csv(io.StringIO("\n".join(body)), sep=spec.delimiter, header=None, names=names, dtype=str,
                         keep_default_na=False, na_filter=False, skipinitialspace=True, index_col=False,
                         engine="c")
+    from features.io import strip_values
+
     out = {}
     for column in spec.used_columns:
         if column not in frame:
             continue  # left out: ExampleValidator reports the missing column against the schema
-        codes, uniques = pd.factorize(frame[column], sort=False)
-        cleaned = uniques.str.strip()
-        if spec.strip_trailing_period and column == names[-1]:
-            cleaned = cleaned.str.replace(r"\.$", "", regex=True).str.rstrip()
-        out[column] = np.asarray(cleaned, dtype=object)[codes]
+        out[column] = strip_values(frame[column], spec.strip_trailing_period and column == names[-1])
     return out
 
 

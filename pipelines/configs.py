@@ -56,11 +56,12 @@ class TrainConfig:
     cosine_epochs: int = 20
     weight_decay: float = 0.0
     ema: float = 0.0
+    shuffle_buffer: int = 10_000  # training examples shuffled together (tf.data)
 
     def __post_init__(self):
         from mmoe.training import OptimizerSettings
 
-        for name in ("train_steps", "batch_size", "steps_per_epoch"):
+        for name in ("train_steps", "batch_size", "steps_per_epoch", "shuffle_buffer"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)}")
         if int(self.patience) < 0:
@@ -122,9 +123,9 @@ class TunerConfig:
     max_trials: int = 4
     num_experts: List[int] = dataclasses.field(default_factory=lambda: [4, 8])
     expert_units: List[int] = dataclasses.field(default_factory=lambda: [32, 64])
-    gate_temperature: List[float] = dataclasses.field(default_factory=lambda: [0.5, 2.0])
-    learning_rate: List[float] = dataclasses.field(default_factory=lambda: [3e-4, 3e-3])
-    steps_per_trial: Optional[int] = None
+    gate_temperature: List[float] = dataclasses.field(default_factory=lambda: [0.5, 2.0])  # log-uniform range
+    learning_rate: List[float] = dataclasses.field(default_factory=lambda: [3e-4, 3e-3])  # log-uniform range
+    steps_per_trial: Optional[int] = None  # default: the Tuner's train_args.num_steps
 
     def __post_init__(self):
         if int(self.max_trials) < 1:

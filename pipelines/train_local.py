@@ -367,6 +367,16 @@ def format_metrics(metrics: dict) -> str:
     return "\n".join(lines)
 
 
+def history_panels(tasks) -> list:
+    """(history key, title) of each panel of plot_history: the total loss, then each task's metric under the
+    key Keras logs it by (a one-task model logs `auc`, not `<task>_auc`)."""
+    from mmoe.training import monitor_for
+
+    return [("loss", "total loss")] + [
+        (monitor_for(t, len(tasks))[0][len("val_"):], f"{t.name} " + ("AUC" if t.kind == "binary" else "RMSE"))
+        for t in tasks]
+
+
 def plot_history(history: dict, tasks, path) -> None:
     """Training/validation loss and main metric per task, one panel each."""
     import matplotlib
@@ -374,10 +384,7 @@ def plot_history(history: dict, tasks, path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, len(tasks) + 1, figsize=(4.2 * (len(tasks) + 1), 3.4), squeeze=False)
-    panels = [("loss", "total loss")] + [
-        (f"{t.name}_auc" if t.kind == "binary" else f"{t.name}_rmse", f"{t.name} " +
-         ("AUC" if t.kind == "binary" else "RMSE")) for t in tasks]
-    for ax, (key, title) in zip(axes[0], panels):
+    for ax, (key, title) in zip(axes[0], history_panels(tasks)):
         for prefix, style in (("", "-"), ("val_", "--")):
             values = history.get(prefix + key)
             if values:

@@ -32,36 +32,10 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 from absl import logging
 
-# Defaults of custom_config["train"]; pipelines.configs.TrainConfig mirrors them.
-TRAIN_DEFAULTS = {
-    "batch_size": 512,  # per replica; the global batch is batch_size * replicas
-    "steps_per_epoch": 200,  # validation (and early stopping) after this many steps
-    "patience": 4,  # epochs without improvement of the main task's validation metric
-    "main_task": None,  # default: the first task
-    "loss_weights": {},  # task -> weight (default 1)
-    "use_weights": False,  # use the spec's weight column as sample weight
-    "xla": True,  # jit_compile the train step and the serving dispatch
-    "seed": 0,
-    "shuffle_buffer": 10_000,
-    # The optimizer beyond the learning rate (mmoe.training.OptimizerSettings); an "epoch" is steps_per_epoch.
-    "schedule": "constant",
-    "cosine_epochs": 20,
-    "weight_decay": 0.0,
-    "ema": 0.0,
-}
-
 # Training rows the numeric bin edges (ModelConfig.numeric_bins) are taken from: quantiles settle long before.
 ADAPT_ROWS = 100_000
 # Hyperparameters the Tuner may set and how they map onto ModelConfig.
 TUNABLE = ("num_experts", "expert_units", "gate_temperature", "learning_rate")
-TUNER_DEFAULTS = {
-    "max_trials": 4,
-    "num_experts": [4, 8],
-    "expert_units": [32, 64],
-    "gate_temperature": [0.5, 2.0],  # log-uniform range
-    "learning_rate": [3e-4, 3e-3],  # log-uniform range
-    "steps_per_trial": None,  # default: the Tuner's train_args.num_steps
-}
 
 
 # -- shared helpers ----------------------------------------------------------------------
@@ -76,7 +50,10 @@ def dataset_spec(custom_config: Mapping[str, Any]):
 
 
 def train_settings(custom_config: Mapping[str, Any]) -> Dict[str, Any]:
-    settings = dict(TRAIN_DEFAULTS)
+    """custom_config["train"] over the defaults of pipelines.configs.TrainConfig (their one definition)."""
+    from pipelines.configs import TrainConfig
+
+    settings = TrainConfig().module_settings()
     given = dict(custom_config.get("train") or {})
     unknown = sorted(set(given) - set(settings))
     if unknown:
@@ -124,13 +101,13 @@ def model_config(custom_config: Mapping[str, Any], hyperparameters: Optional[Map
     return config
 
 
-def model_tasks(spec, loss_weights: Mapping[str, float]):
-    from mmoe import TaskSpec
-
-    unknown = sorted(set(loss_weights or {}) - set(spec.task_names))
-    if unknown:
-        raise ValueError(f"loss weight given for unknown task(s) {unknown}; tasks are {spec.task_names}")
-    return [TaskSpec(t.name, t.kind, float((loss_weights or {}).get(t.name, 1.0))) for t in spec.tasks]
+def epoch_plan(train_steps: int, steps_per_epoch: int) -> tuple:
+    """(steps per epoch, epochs) for `train_steps` steps in all (TFX's train_args.num_steps is the total) with
+    epochs of at most `steps_per_epoch`: Keras runs whole epochs, so the epochs share the steps evenly and the
+    total is train_steps, or at most epochs - 1 more when it does not divide (250 with 200 -> 2 x 125)."""
+    train_steps, steps_per_epoch = max(1, int(train_steps)), max(1, int(steps_per_epoch))
+    epochs = math.ceil(train_steps / steps_per_epoch)
+    return math.ceil(train_steps / epochs), epochs
 
 
 def input_features(spec, tft_output):
@@ -261,6 +238,7 @@ def run_fn(fn_args) -> None:
     from mmoe import build_model, compile_model
     from mmoe.training import (OptimizerSettings, check_converged, main_task_spec, monitor_for,
                                optimizer_and_callbacks)
+    from pipelines.train_local import model_tasks
     from serving.export import export_serving_model
 
     custom_config = fn_args.custom_config or {}
@@ -283,8 +261,7 @@ def run_fn(fn_args) -> None:
     eval_ds = make_dataset(fn_args.eval_files, tft_output, spec, features, global_batch, training=False,
                            use_weights=settings["use_weights"])
     train_steps = int(fn_args.train_steps or settings["steps_per_epoch"])
-    steps_per_epoch = max(1, min(int(settings["steps_per_epoch"]), train_steps))
-    epochs = max(1, math.ceil(train_steps / steps_per_epoch))
+    steps_per_epoch, epochs = epoch_plan(train_steps, settings["steps_per_epoch"])
     with strategy.scope():
         optimizer, optimizer_callbacks = optimizer_and_callbacks(OptimizerSettings.from_settings(settings),
                                                                  config.learning_rate, steps_per_epoch, main,
@@ -325,7 +302,9 @@ def run_fn(fn_args) -> None:
 def search_space(tuner_config: Mapping[str, Any]):
     import keras_tuner
 
-    cfg = {**TUNER_DEFAULTS, **(tuner_config or {})}
+    from pipelines.configs import TunerConfig  # the defaults' one definition
+
+    cfg = {**TunerConfig().module_settings(), **(tuner_config or {})}
     hp = keras_tuner.HyperParameters()
     hp.Choice("num_experts", [int(v) for v in cfg["num_experts"]])
     hp.Choice("expert_units", [int(v) for v in cfg["expert_units"]])
@@ -343,21 +322,22 @@ def tuner_fn(fn_args):
     from tfx.components.tuner.component import TunerFnResult
 
     from mmoe import build_model, compile_model
-    from mmoe.training import OptimizerSettings, monitor_for, optimizer_and_callbacks
+    from mmoe.training import OptimizerSettings, main_task_spec, monitor_for, optimizer_and_callbacks
+    from pipelines.train_local import model_tasks
 
     custom_config = fn_args.custom_config or {}
     spec = dataset_spec(custom_config)
     settings = train_settings(custom_config)
     base = model_config(custom_config)
     tasks = model_tasks(spec, settings["loss_weights"])
-    main = next((t for t in tasks if t.name == settings["main_task"]), tasks[0])
+    main = main_task_spec(tasks, settings["main_task"])
     hp, cfg = search_space(custom_config.get("tuner") or {})
     tft_output = tft.TFTransformOutput(fn_args.transform_graph_path)
     features = input_features(spec, tft_output)
 
     sample = training_sample(fn_args, tft_output, spec, features, int(settings["batch_size"]))
-    steps = int(cfg["steps_per_trial"] or fn_args.train_steps or settings["steps_per_epoch"])
-    steps_per_epoch = max(1, min(int(settings["steps_per_epoch"]), steps))
+    steps_per_epoch, epochs = epoch_plan(cfg["steps_per_trial"] or fn_args.train_steps or settings["steps_per_epoch"],
+                                         settings["steps_per_epoch"])
     optimizer_settings = OptimizerSettings.from_settings(settings)
 
     def build(hparams):
@@ -383,5 +363,5 @@ def tuner_fn(fn_args):
     _, callbacks = optimizer_and_callbacks(optimizer_settings, base.learning_rate, steps_per_epoch, main, len(tasks))
     return TunerFnResult(tuner=tuner, fit_kwargs={
         "x": train_ds, "validation_data": eval_ds, "steps_per_epoch": steps_per_epoch,
-        "epochs": max(1, math.ceil(steps / steps_per_epoch)), "validation_steps": fn_args.eval_steps or None,
+        "epochs": epochs, "validation_steps": fn_args.eval_steps or None,
         "callbacks": callbacks, "verbose": 2})

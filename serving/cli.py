@@ -1,7 +1,6 @@
 """`mmoe serve` and `mmoe predict` (registered by pipelines/cli.py through add_commands)."""
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import sys

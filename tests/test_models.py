@@ -1,5 +1,4 @@
 """Architectures: each learns, saves and loads, mixed precision, loss weights."""
-import os
 
 import keras
 import numpy as np

@@ -75,6 +75,16 @@ def test_config_defaults_and_errors(tmp_path):
     assert make_config(load_config_file(str(path))).spec.name == "census_group2"
 
 
+def test_trainer_epochs_share_the_asked_steps():
+    # TFX's train_args.num_steps is the total: 250 steps with epochs of at most 200 are 2 x 125, not 2 x 200.
+    from pipelines.trainer_module import epoch_plan
+
+    assert epoch_plan(250, 200) == (125, 2)
+    assert epoch_plan(400, 200) == (200, 2) and epoch_plan(50, 200) == (50, 1)
+    per_epoch, epochs = epoch_plan(251, 200)
+    assert epochs == 2 and 251 <= per_epoch * epochs < 251 + epochs
+
+
 def test_spec_schema_types_shapes_and_domains():
     from pipelines.components.spec_schema import spec_schema
 

@@ -307,6 +307,17 @@ def test_one_class_in_a_split_is_warned_about(tmp_path, census_lines):
         any("test split" in m for m in warned)
 
 
+def test_training_curves_read_the_keys_keras_logs():
+    # A one-task model's history says `auc`, a two-task model's `<task>_auc`: the panels must find both.
+    from mmoe import TaskSpec
+    from pipelines.train_local import history_panels
+
+    one = [TaskSpec("income", "binary")]
+    two = one + [TaskSpec("wage", "regression")]
+    assert [key for key, _ in history_panels(one)] == ["loss", "auc"]
+    assert [key for key, _ in history_panels(two)] == ["loss", "income_auc", "wage_rmse"]
+
+
 def test_metrics_json_has_no_nan():
     from mmoe.config import json_safe
 

@@ -29,7 +29,7 @@ from __future__ import annotations
 import math
 import os
 import re
-from typing import Dict, Optional, Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 

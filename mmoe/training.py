@@ -210,21 +210,30 @@ def fit(model: keras.Model, tasks: Sequence[TaskSpec], train: TaskData, valid: O
     history = model.fit(train.inputs, train.labels, sample_weight=_sample_weights(train, tasks),
                         validation_data=validation_data, epochs=epochs, batch_size=batch_size,
                         shuffle=True, callbacks=[*callbacks, keras.callbacks.TerminateOnNaN()], verbose=verbose)
-    check_converged(history.history)
+    check_converged(history.history, model)
     return history
 
 
 class TrainingDiverged(ValueError):
-    """The training loss became NaN or infinite: the weights, and every prediction after, are garbage."""
+    """The training loss or the weights became NaN or infinite: every prediction after is garbage."""
 
 
-def check_converged(history: Mapping[str, Sequence[float]]) -> None:
+def check_converged(history: Mapping[str, Sequence[float]], model: Optional[keras.Model] = None) -> None:
     """Raises TrainingDiverged if a Keras `History.history`'s training loss is not finite in some epoch (train
-    with `keras.callbacks.TerminateOnNaN` so that epoch is the last)."""
+    with `keras.callbacks.TerminateOnNaN` so that epoch is the last) or, with `model`, if a weight is not finite:
+    the loss can stay finite while the weights overflow (clipped probabilities bound the cross-entropy), and
+    such a model predicts NaN for every row."""
     for epoch, loss in enumerate(history.get("loss", []), start=1):
         if not math.isfinite(loss):
             raise TrainingDiverged(f"training diverged: the loss became {loss} in epoch {epoch}; lower the learning "
                                    f"rate, or look for extreme input values")
+    if model is None:
+        return
+    broken = [w.path for w in model.weights if not np.all(np.isfinite(keras.ops.convert_to_numpy(w)))]
+    if broken:
+        raise TrainingDiverged(f"training diverged: {len(broken)} of the model's {len(model.weights)} weight tensors "
+                               f"hold NaN or infinite values (e.g. {', '.join(broken[:3])}) although the loss stayed "
+                               f"finite; lower the learning rate, or look for extreme input values")
 
 
 def roc_auc(labels: np.ndarray, scores: np.ndarray) -> float:

@@ -281,7 +281,7 @@ def run_fn(fn_args) -> None:
                  config.arch, model.count_params(), replicas, global_batch, train_steps, epochs, steps_per_epoch)
     history = model.fit(train_ds, steps_per_epoch=steps_per_epoch, epochs=epochs, validation_data=eval_ds,
                         validation_steps=fn_args.eval_steps or None, callbacks=callbacks, verbose=2)
-    check_converged(history.history)  # a diverged model must fail the Trainer, not reach the Evaluator
+    check_converged(history.history, model)  # a diverged model must fail the Trainer, not reach the Evaluator
 
     os.makedirs(log_dir, exist_ok=True)
     with tf.io.gfile.GFile(os.path.join(log_dir, "training.json"), "w") as fh:

@@ -391,6 +391,13 @@ def test_a_diverging_fit_fails_instead_of_returning_a_nan_model():
     check_converged({"loss": [0.5, 0.4]})  # finite: nothing to say
     with pytest.raises(TrainingDiverged, match="inf in epoch 2"):
         check_converged({"loss": [0.5, float("inf")]})
+    # The loss can stay finite while weights overflow (the cross-entropy clips probabilities): the weights say so.
+    model = build_model(config, features, tasks)
+    check_converged({"loss": [0.5]}, model)
+    weight = model.get_layer("tower_t").weights[0]
+    weight.assign(np.full(weight.shape, np.inf, dtype="float32"))
+    with pytest.raises(TrainingDiverged, match=r"1 of the model's \d+ weight tensors hold NaN or infinite .*tower_t"):
+        check_converged({"loss": [0.5]}, model)
 
 
 @pytest.mark.parametrize("data, expected", [

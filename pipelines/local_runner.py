@@ -262,10 +262,16 @@ def _progress_logging(echo):
     os.environ["PYTHONWARNINGS"] = _with_worker_warnings(old_warnings)
     old_propagate = logger.propagate
     logger.propagate = False  # a root handler (logging.basicConfig somewhere) would print every INFO line
+    # Through absl's verbosity flag, not the logger's level alone: absl sets the level again from the flag when
+    # flags are parsed (TensorFlow's SavedModel export in the Trainer does), which had silenced every line after
+    # "Component Trainer is running."
+    old_verbosity = absl_logging.get_verbosity()
+    absl_logging.set_verbosity(absl_logging.INFO)
     logger.setLevel(std_logging.INFO)
     try:
         yield
     finally:
+        absl_logging.set_verbosity(old_verbosity)
         if handler is not None:
             logger.removeHandler(handler)
         std_logging.getLogger(BEAM_JOB_SERVICE_LOGGER).removeFilter(beam_noise)

@@ -314,6 +314,27 @@ def test_run_quiets_beam_worker_noise_and_passes_a_warnings_filter_to_workers(mo
     assert local_runner._with_worker_warnings("ignore::FutureWarning,a") == "ignore::FutureWarning,a"
 
 
+def test_progress_lines_survive_a_savedmodel_export_inside_a_component():
+    # TensorFlow's SavedModel save sets absl's verbosity to FATAL and back to what it read (the Trainer's export
+    # does): the progress echo must still see every later "Component ..." line.
+    from absl import logging as absl_logging
+
+    from pipelines import local_runner
+
+    before = absl_logging.get_verbosity()
+    shown = []
+    with local_runner._progress_logging(shown.append):
+        absl_logging.info("Component Trainer is running.")
+        verbosity = absl_logging.get_verbosity()  # tensorflow/python/trackable/autotrackable.py
+        absl_logging.set_verbosity(absl_logging.FATAL)
+        absl_logging.set_verbosity(verbosity)
+        absl_logging.info("Component Trainer is finished.")
+        absl_logging.info("Component Evaluator is running.")
+    assert [line[9:] for line in shown] == ["Component Trainer is running.", "Component Trainer is finished.",
+                                            "Component Evaluator is running."]
+    assert absl_logging.get_verbosity() == before
+
+
 def test_kubeflow_compile_lists_every_component(tmp_path):
     pytest.importorskip("kfp.pipeline_spec", reason="kfp-pipeline-spec is needed to compile for Kubeflow")
     from pipelines.cli import main

@@ -82,6 +82,19 @@ def test_offline_identical_models_by_name_and_version(exports, rows_file, tmp_pa
         assert head["metrics"]["auc"]["ci"][0] <= 0 <= head["metrics"]["auc"]["ci"][1]
 
 
+def test_a_model_name_is_not_taken_for_a_directory_of_that_name(exports, tmp_path, monkeypatch):
+    # Run where ./plain is some directory (not an export): with --serving-dir, "plain" is the served model.
+    from serving.ab.offline import resolve_model
+
+    (tmp_path / "plain").mkdir()
+    monkeypatch.chdir(tmp_path)
+    ref = resolve_model("plain", serving_dir=exports.base_dir)
+    assert ref.path == os.path.join(exports.base_dir, "plain", "1") and ref.name == "plain"
+    with pytest.raises(FileNotFoundError, match="directory holds no saved_model.pb"):
+        resolve_model("plain")  # no serving directory: a path, and not an export
+    assert resolve_model(exports.plain_dir, serving_dir=exports.base_dir).path == exports.plain_dir
+
+
 def test_offline_bad_input(exports, rows_file, tmp_path, capsys):
     base = ["ab-eval", "--a", exports.xla_dir, "--b", exports.plain_dir, "--data", rows_file, "--out",
             str(tmp_path / "r"), "--quiet"]

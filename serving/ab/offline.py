@@ -57,8 +57,12 @@ def resolve_model(text: str, serving_dir: Optional[str] = None, model_config_fil
     """
     from serving.models import versions_on_disk
 
-    if os.path.isdir(text):
-        if not os.path.isfile(os.path.join(text, "saved_model.pb")):
+    # A bare name with a serving directory or config is a model name even where a directory of that name is in
+    # the working directory (`--a mmoe` run from this repository's root, which has an `mmoe/` package).
+    is_name = bool(_REF.match(text)) and os.sep not in text and bool(serving_dir or model_config_file)
+    is_export = os.path.isfile(os.path.join(text, "saved_model.pb"))
+    if os.path.isdir(text) and (is_export or not is_name):
+        if not is_export:
             raise FileNotFoundError(f"{what} {text}: directory holds no saved_model.pb (not an export; "
                                     f"for a model in a serving directory write NAME, NAME@VERSION or NAME:LABEL)")
         base = os.path.basename(os.path.normpath(text))

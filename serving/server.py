@@ -118,13 +118,14 @@ class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
         outputs = await asyncio.wrap_future(servable.submit(sig, inputs, size, self.executor))
         return sig, select_outputs(outputs, output_filter)
 
-    def _finish(self, kind: str, request, response, route, started: float, context) -> None:
-        """Name the arm in the trailing metadata and log the call (sampled, never blocking)."""
+    def _finish(self, kind: str, request, response, route, started: float, context, head: str = "") -> None:
+        """Name the arm in the trailing metadata and log the call (sampled, never blocking); `head`: the task
+        head a Classify / Regress call scored (see PredictionLogger.log)."""
         arm = route.arm if route is not None else ""
         if arm:
             context.set_trailing_metadata(((ARM_METADATA, arm),))
         if self.prediction_logger is not None:
-            self.prediction_logger.log(kind, request, response, arm, started)
+            self.prediction_logger.log(kind, request, response, arm, started, head=head)
 
     @_handle
     async def Predict(self, request, context):
@@ -208,7 +209,7 @@ class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
             result = response.result.classifications.add()
             result.classes.add(label="0", score=1.0 - p)
             result.classes.add(label="1", score=p)
-        self._finish("classify", request, response, route, started, context)
+        self._finish("classify", request, response, route, started, context, head=head)
         return response
 
     @_handle
@@ -224,7 +225,7 @@ class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
             _fill_spec(response.model_spec, servable, request.model_spec.signature_name or "serving_default")
         for value in outputs[head].astype(float):
             response.result.regressions.add(value=value)
-        self._finish("regress", request, response, route, started, context)
+        self._finish("regress", request, response, route, started, context, head=head)
         return response
 
     @_handle

@@ -328,6 +328,31 @@ def test_split_calls_are_logged_with_their_arm(split_server, exports):
     assert read_split_config(logger.log_dir) == split.to_dict()
 
 
+def test_classify_calls_are_logged_under_the_head_they_scored(split_server, exports):
+    # The client gets the signature name it asked for echoed ("serving_default" for the default head, as TF
+    # Serving); the log names the head, so online ab-eval finds its outcomes. classify_<task> is that task.
+    from tensorflow_serving.apis import classification_pb2, prediction_service_pb2_grpc
+
+    from serving.ab.prediction_log import read_prediction_logs
+
+    srv, _, logger = split_server
+    with grpc.insecure_channel(f"127.0.0.1:{srv.port}") as channel:
+        stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
+        for i, signature in enumerate(["", "classify_marital", "income"]):
+            request = classification_pb2.ClassificationRequest()
+            request.model_spec.name = "census"
+            request.model_spec.signature_name = signature
+            request.input.example_list.examples.extend(_examples_with_user(exports, [i], f"classify-{i}"))
+            response = stub.Classify(request, timeout=30)
+            assert response.model_spec.signature_name == (signature or "serving_default")
+    logger.flush()
+    frame = read_prediction_logs(logger.log_dir)
+    rows = frame[frame["in.user_id"].fillna("").str.startswith("classify-")].set_index("in.user_id")
+    assert "out.serving_default" not in frame.columns and "out.classify_marital" not in frame.columns
+    assert np.isfinite(rows.loc["classify-0", "out.income"]) and np.isnan(rows.loc["classify-0", "out.marital"])
+    assert np.isfinite(rows.loc["classify-1", "out.marital"]) and np.isfinite(rows.loc["classify-2", "out.income"])
+
+
 def _units_csv(exports, path, users):
     """The first len(users) rows of the tiny frame, with a user_id column holding `users` (row order)."""
     frame = exports.frame.iloc[:len(users)].copy()

@@ -224,12 +224,17 @@ class PredictionLogger:
         self._thread = threading.Thread(target=self._loop, name="prediction-log", daemon=True)
         self._thread.start()
 
-    def log(self, kind: str, request, response, arm: str = "", when: Optional[float] = None) -> bool:
-        """Queue one call ("predict", "classify" or "regress") if sampled; True when queued."""
+    def log(self, kind: str, request, response, arm: str = "", when: Optional[float] = None,
+            head: str = "") -> bool:
+        """Queue one call ("predict", "classify" or "regress") if sampled; True when queued.
+
+        `head`: the task head a Classify / Regress call scored. The logged response names it as its signature,
+        where the client got the name it asked for echoed ("serving_default" for the default head), so that
+        the log says which head the scores are of."""
         if self._closed or not (self.sampling_rate >= 1.0 or self._random.random() < self.sampling_rate):
             return False
         try:
-            self._queue.put_nowait((kind, request, response, arm, time.time() if when is None else when))
+            self._queue.put_nowait((kind, request, response, arm, time.time() if when is None else when, head))
         except queue.Full:
             with self._drop_lock:
                 self.dropped += 1
@@ -285,18 +290,20 @@ class PredictionLogger:
             if stop:
                 return
 
-    def _encode(self, kind: str, request, response, arm: str, when: float) -> bytes:
+    def _encode(self, kind: str, request, response, arm: str, when: float, head: str = "") -> bytes:
         from tensorflow_serving.apis import prediction_log_pb2
 
         entry = prediction_log_pb2.PredictionLog()
-        meta = entry.log_metadata
-        meta.model_spec.CopyFrom(response.model_spec)  # the served version, signature or head
-        meta.sampling_config.sampling_rate = self.sampling_rate
-        meta.saved_model_tags.append("serve")
-        meta.timestamp_secs = int(when)
         body = getattr(entry, f"{kind}_log")
         body.request.CopyFrom(request)
         body.response.CopyFrom(response)
+        if head:
+            body.response.model_spec.signature_name = head
+        meta = entry.log_metadata
+        meta.model_spec.CopyFrom(body.response.model_spec)  # the served version, signature or head
+        meta.sampling_config.sampling_rate = self.sampling_rate
+        meta.saved_model_tags.append("serve")
+        meta.timestamp_secs = int(when)
         extras = _extras_class()(time_ms=int(when * 1000), split_arm=arm)
         return extras.SerializeToString() + entry.SerializeToString()
 
@@ -391,6 +398,10 @@ def _rows_of(record: bytes, path: str) -> List[dict]:
         call = getattr(entry, kind)
         features = [_example_features(e) for e in _request_examples(call.request.input)]
         head = call.response.model_spec.signature_name or spec.signature_name
+        # A record that names the head's own signature (ours: classify_<task> / regress_<task>, as TF Serving
+        # echoes them) is that task's head.
+        prefix = "classify_" if kind == "classify_log" else "regress_"
+        head = head[len(prefix):] if head.startswith(prefix) and len(head) > len(prefix) else head
         if kind == "classify_log":
             scores = [{c.label: c.score for c in row.classes}.get("1", float("nan"))
                       for row in call.response.result.classifications]

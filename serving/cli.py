@@ -98,9 +98,12 @@ def add_commands(subparsers) -> None:
 
 def cmd_export(args) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's start-up chatter says nothing to this user
+    print(f"exporting {args.run} (model, tf.Transform graph{'' if args.no_xla else ', XLA expert dispatch'}) ...",
+          file=sys.stderr, flush=True)
     export_dir = export_run(args.run, args.base_path, version=args.version, xla=not args.no_xla)
-    print(f"wrote {export_dir}\nserve it with: mmoe serve --model-base-path {os.path.dirname(export_dir)} "
-          f"--model-name NAME")
+    base = os.path.dirname(export_dir)
+    print(f"wrote {export_dir}\nserve it with: mmoe serve --model-base-path {base} "
+          f"--model-name {os.path.basename(os.path.normpath(base)) or 'NAME'}")
     return 0
 
 
@@ -108,6 +111,9 @@ def export_run(run_dir: str, base_path: str, version=None, xla: bool = True) -> 
     """An `mmoe train` run (model.keras, transform/, run_config.json) as BASE_PATH/VERSION; returns that path."""
     from serving.models import versions_on_disk
 
+    if os.path.isfile(os.path.join(base_path, "saved_model.pb")):
+        raise ValueError(f"--base-path {base_path} is itself a version (it holds saved_model.pb); give the model's "
+                         f"directory of versions, {os.path.dirname(os.path.normpath(base_path)) or '..'}")
     if version is None:
         version = max(versions_on_disk(base_path), default=0) + 1
     if version < 1:

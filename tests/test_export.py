@@ -289,7 +289,8 @@ def test_mmoe_export_turns_a_train_run_into_numbered_versions(tmp_path, capsys):
     assert main(["train", "--data", str(CENSUS_SAMPLE_PATH), "--out", str(run), "--epochs", "1",
                  "--num-experts", "2", "--expert-units", "8", "--tower-units", "4"]) == 0
     assert main(["export", str(run), "--base-path", str(base)]) == 0
-    assert f"wrote {base / '1'}" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert f"wrote {base / '1'}" in out and f"--model-base-path {base} --model-name census" in out
     assert main(["export", str(run), "--base-path", str(base), "--no-xla"]) == 0  # the next version
     assert sorted(os.listdir(base)) == ["1", "2"]
     assert json.loads((base / "2" / "assets.extra" / EXPORT_INFO_FILE).read_text())["xla"] is False
@@ -306,6 +307,9 @@ def test_mmoe_export_turns_a_train_run_into_numbered_versions(tmp_path, capsys):
     # A version is never overwritten, and a directory that is not a finished run is named.
     assert main(["export", str(run), "--base-path", str(base), "--version", "1"]) == 2
     assert "versions are immutable" in capsys.readouterr().err
+    assert main(["export", str(run), "--base-path", str(base / "1")]) == 2  # a version as the base path
+    assert "is itself a version (it holds saved_model.pb)" in capsys.readouterr().err
+    assert sorted(os.listdir(base / "1")) == sorted(os.listdir(base / "2"))  # nothing nested in it
     assert main(["export", str(tmp_path / "models"), "--base-path", str(base)]) == 2
     assert "not a finished `mmoe train` run (no model.keras, transform, run_config.json)" in capsys.readouterr().err
     # The serving benchmark's requests are the run's own rows (run_config.json's "data"), here a file of the

@@ -31,8 +31,8 @@ $(STAMP): requirements.lock setup.py
 	$(VENV)/bin/uv pip install --python $(PY) --no-deps --config-settings editable_mode=compat -e .
 	touch $(STAMP)
 
-lock:
-	uv pip compile setup.py --extra test --python-version 3.10 --python-platform x86_64-unknown-linux-gnu -o requirements.lock
+lock: $(STAMP)
+	$(VENV)/bin/uv pip compile setup.py --extra test --python-version 3.10 --python-platform x86_64-unknown-linux-gnu -o requirements.lock
 
 run: $(STAMP)
 	$(VENV)/bin/mmoe pipeline run --data features/data/census-income.sample.gz --train-steps 600

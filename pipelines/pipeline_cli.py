@@ -24,8 +24,9 @@ def add_commands(subparsers) -> None:
     sub = pipeline.add_subparsers(dest="pipeline_command", required=True)
     run = sub.add_parser(
         "run", help="run the TFX pipeline locally (or compile it for Kubeflow)",
-        description="ExampleGen -> StatisticsGen -> SchemaGen -> ExampleValidator -> Transform -> [Tuner] -> "
-                    "Trainer -> Evaluator -> Pusher, on LocalDagRunner with a SQLite ML Metadata store and Beam's "
+        description="ExampleGen -> StatisticsGen -> SchemaGen -> ConformSchema (or ImportSchemaGen with --schema) "
+                    "-> ExampleValidator -> AnomalyGate -> Transform -> [Tuner] -> Trainer -> Evaluator (against the "
+                    "latest blessed model) -> Pusher, on LocalDagRunner with a SQLite ML Metadata store and Beam's "
                     "DirectRunner (multi-process).  Unchanged inputs reuse cached results, so a killed run "
                     "completes when started again.  Arguments after `--` go to Beam unchanged "
                     "(e.g. -- --runner=FlinkRunner --flink_master=HOST:8081).")

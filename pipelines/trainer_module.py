@@ -28,6 +28,7 @@ import functools
 import json
 import math
 import os
+import warnings
 from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 from absl import logging
@@ -99,6 +100,13 @@ def model_config(custom_config: Mapping[str, Any], hyperparameters: Optional[Map
             if "space" in hyperparameters else dict(hyperparameters)
         config = apply_hyperparameters(config, values)
     return config
+
+
+def _quiet_validation_end_warning() -> None:
+    """Keras 3 warns "Your input ran out of data; interrupting training" when a dataset of unknown length ends,
+    which the eval split does at the end of every first validation pass, as it should; the training dataset
+    repeats forever, so the warning can only be that one and says nothing to the user."""
+    warnings.filterwarnings("ignore", message="Your input ran out of data", category=UserWarning)
 
 
 def epoch_plan(train_steps: int, steps_per_epoch: int) -> tuple:
@@ -279,8 +287,10 @@ def run_fn(fn_args) -> None:
                                                restore_best_weights=True), keras.callbacks.TerminateOnNaN()]
     logging.info("training %s (%d parameters) on %d replica(s), global batch %d, %d steps (%d epochs of %d)",
                  config.arch, model.count_params(), replicas, global_batch, train_steps, epochs, steps_per_epoch)
-    history = model.fit(train_ds, steps_per_epoch=steps_per_epoch, epochs=epochs, validation_data=eval_ds,
-                        validation_steps=fn_args.eval_steps or None, callbacks=callbacks, verbose=2)
+    with warnings.catch_warnings():
+        _quiet_validation_end_warning()
+        history = model.fit(train_ds, steps_per_epoch=steps_per_epoch, epochs=epochs, validation_data=eval_ds,
+                            validation_steps=fn_args.eval_steps or None, callbacks=callbacks, verbose=2)
     check_converged(history.history, model)  # a diverged model must fail the Trainer, not reach the Evaluator
 
     os.makedirs(log_dir, exist_ok=True)
@@ -361,6 +371,7 @@ def tuner_fn(fn_args):
     eval_ds = make_dataset(fn_args.eval_files, tft_output, spec, features, batch, training=False,
                            use_weights=settings["use_weights"])
     _, callbacks = optimizer_and_callbacks(optimizer_settings, base.learning_rate, steps_per_epoch, main, len(tasks))
+    _quiet_validation_end_warning()  # for the search TFX runs after this returns (see the function)
     return TunerFnResult(tuner=tuner, fit_kwargs={
         "x": train_ds, "validation_data": eval_ds, "steps_per_epoch": steps_per_epoch,
         "epochs": epochs, "validation_steps": fn_args.eval_steps or None,

@@ -68,7 +68,7 @@ def _mode(args) -> str:
         raise ValueError(f"give either the offline options (--a, --b, --data, ...) or the online ones (--logs, "
                          f"--labels, ...), not both; got --{given}")
     if online:
-        missing = [f for f in ("logs", "labels") if getattr(args, f) is None]
+        missing = [f for f in ("logs", "labels", "out") if getattr(args, f) is None]  # --out: as offline
         if missing:
             raise ValueError(f"online mode needs --{' and --'.join(missing)}: {ONLINE}")
         return "online"

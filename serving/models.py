@@ -596,8 +596,16 @@ class ModelManager:
             on_disk = versions_on_disk(entry.base_path)
             if not on_disk and not model.warned_empty:
                 # Said once per model (the poller comes back every second): the usual mistake is one level off.
-                hint = ("; it holds saved_model.pb itself: pass its parent, whose numbered directories are versions"
-                        if os.path.exists(os.path.join(entry.base_path, "saved_model.pb")) else "")
+                hint = ""
+                if os.path.exists(os.path.join(entry.base_path, "saved_model.pb")):
+                    hint = "; it holds saved_model.pb itself: pass its parent, whose numbered directories are versions"
+                else:  # one level too high, e.g. the pipeline's --serving-dir, which holds <model_name>/<version>
+                    models = sorted(d for d in os.listdir(entry.base_path)
+                                    if versions_on_disk(os.path.join(entry.base_path, d)))
+                    if models:
+                        hint = (f"; its subdirector{'y' if len(models) == 1 else 'ies'} {', '.join(models)} "
+                                f"hold{'s' if len(models) == 1 else ''} versions: pass "
+                                f"{os.path.join(entry.base_path, models[0])}")
                 log.warning("model %s: no numbered version directory under %s yet%s", entry.name, entry.base_path,
                             hint)
             model.warned_empty = not on_disk

@@ -109,6 +109,8 @@ def test_offline_bad_input(exports, rows_file, tmp_path, capsys):
     assert "holds no saved_model.pb" in capsys.readouterr().err
     assert main(["ab-eval", "--a", "x", "--logs", "d"]) == 2
     assert "not both" in capsys.readouterr().err
+    assert main(["ab-eval", "--logs", "d", "--labels", "l.csv"]) == 2  # the report needs a place, as offline
+    assert "online mode needs --out" in capsys.readouterr().err
     (tmp_path / "a_file").write_text("")
     assert main(["ab-eval", "--a", "x", "--b", "y", "--data", rows_file, "--out", str(tmp_path / "a_file")]) == 2
     assert "is a file; the report goes into a directory" in capsys.readouterr().err

@@ -6,6 +6,7 @@ import signal
 import subprocess
 import threading
 import time
+from pathlib import Path
 
 import grpc
 import numpy as np
@@ -276,3 +277,37 @@ def test_poll_wait_zero_polls_once_and_an_empty_base_path_is_warned_about_once(t
         assert len(warnings) == 1 and "pass its parent" in warnings[0]
     finally:
         manager.stop()
+
+
+def test_a_base_path_one_level_too_high_names_the_model_directory(tmp_path, caplog):
+    # The pipeline's --serving-dir holds <model_name>/<version>: given as the base path, the warning says which.
+    import logging
+
+    (tmp_path / "mmoe" / "1700000000").mkdir(parents=True)
+    (tmp_path / "mmoe" / "1700000000" / "saved_model.pb").write_bytes(b"")
+    manager = ModelManager([ModelEntry("m", str(tmp_path))], poll_seconds=3600)
+    with caplog.at_level(logging.WARNING, logger="mmoe.serving"):
+        manager.poll()
+    warnings = [r.getMessage() for r in caplog.records if "no numbered version directory" in r.getMessage()]
+    assert len(warnings) == 1 and f"its subdirectory mmoe holds versions: pass {tmp_path / 'mmoe'}" in warnings[0]
+
+
+def test_the_bundled_predict_csv_is_the_samples_first_rows_with_a_header():
+    # features/data/census-rows.csv is what `mmoe predict --csv` takes (a header naming the raw columns); it is
+    # the bundled sample's first 20 rows, so the README's commands score rows the models were trained like.
+    import csv
+
+    from features.census import CENSUS_SAMPLE_PATH, census_spec
+    from features.io import read_dataset
+
+    path = str(Path(CENSUS_SAMPLE_PATH).parent / "census-rows.csv")
+    with open(path, newline="") as fh:
+        rows = list(csv.reader(fh))
+    spec = census_spec(1)
+    assert rows[0] == list(spec.columns) and len(rows) == 21
+    sample = read_dataset(CENSUS_SAMPLE_PATH, spec).iloc[:20]
+    for column in ("age", "class_worker", "sex", "income_50k", "marital_stat"):
+        i = rows[0].index(column)
+        expected = [str(v) if not isinstance(v, float) else f"{v:g}" for v in sample[column]]
+        assert [r[i] for r in rows[1:]] == expected, column
+    assert read_csv_columns(path, {"age": "DT_FLOAT", "sex": "DT_STRING"})["sex"][0] in (b"Male", b"Female")

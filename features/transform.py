@@ -441,7 +441,8 @@ def transform_in_process(spec: DatasetSpec, train_df: pd.DataFrame, eval_frames:
                 transform_fn = (raw, adapter_config) | "Analyze" >> tft_beam.AnalyzeDataset(
                     make_preprocessing_fn(spec))
                 _ = transform_fn | "WriteTransformFn" >> tft_beam.WriteTransformFn(output_dir)
-    say(f"analysis done in {time.time() - start:.1f}s; transform written to {output_dir}")
+    # Not where it went: callers write into temporary or staging directories and say where the result lands.
+    say(f"analysis done in {time.time() - start:.1f}s")
 
     tft_output = tft.TFTransformOutput(output_dir)
     arrays = {}

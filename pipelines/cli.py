@@ -136,8 +136,9 @@ def _check_file(path: str, flag: str) -> None:
 
 
 def cmd_train(args) -> int:
-    from pipelines.train_local import TrainSettings, parse_split, train_run
+    from pipelines.train_local import TrainSettings, check_run_dir, parse_split, train_run
 
+    check_run_dir(Path(args.out).resolve(), args.overwrite)  # before the seconds of importing Keras and TensorFlow
     settings = TrainSettings(epochs=args.epochs, batch_size=args.batch_size, patience=args.patience, seed=args.seed,
                              split=parse_split(args.split), use_weights=args.use_weights,
                              main_task=args.main_task, loss_weights=args.loss_weights,
@@ -218,8 +219,13 @@ def build_parser() -> argparse.ArgumentParser:
     train.set_defaults(func=cmd_train)
 
     data = sub.add_parser("data", help="data sets").add_subparsers(dest="data_command", required=True)
-    download = data.add_parser("download", help="fetch the UCI census-income files and check their sha256")
-    download.add_argument("--cache-dir", default=os.path.expanduser("~/.cache/mmoe/census-income"))
+    download = data.add_parser("download", help="fetch the UCI census-income files and check their sha256",
+                               description="Fetch census-income.data.gz and census-income.test.gz from UCI (or a "
+                                           "mirror) into --cache-dir and check each (its known sha256, else its row "
+                                           "count); a download is kept only when it passes, and a cached file that "
+                                           "passes is not fetched again.")
+    download.add_argument("--cache-dir", default=os.path.expanduser("~/.cache/mmoe/census-income"),
+                          help="where the files go (default %(default)s)")
     download.add_argument("--base-url", default=None, help="mirror of UCI's census-income-mld folder (file:// works)")
     download.add_argument("--file", action="append", choices=["census-income.data.gz", "census-income.test.gz"],
                           help="fetch only this file (repeatable); default: both")

@@ -288,7 +288,7 @@ def _train_run(spec, data, out: Path, stage: Path, tasks, main, model_config, se
 
     (stage / "metrics.json").write_text(json.dumps(json_safe(metrics), indent=1, allow_nan=False))
     log(format_metrics(metrics))
-    log(f"wrote {out}/model.keras, {out}/transform, {out}/metrics.json")
+    log(f"wrote {out}/: model.keras, transform/, metrics.json, run_config.json, history.json, training_curves.png")
     return metrics
 
 

@@ -18,8 +18,9 @@ def add_commands(subparsers) -> None:
     source.add_argument("--model-config-file", metavar="FILE",
                         help="TF Serving ModelServerConfig in text format (several models, version policies, "
                              "labels); re-read when it changes")
-    serve.add_argument("--port", type=int, default=8500)
-    serve.add_argument("--host", default="127.0.0.1", help="interface to bind (0.0.0.0 for all)")
+    serve.add_argument("--port", type=int, default=8500, help="gRPC port (default 8500; 0 picks a free one)")
+    serve.add_argument("--host", default="127.0.0.1",
+                       help="interface to bind (default 127.0.0.1, this machine only; 0.0.0.0 for all)")
     serve.add_argument("--enable-batching", action="store_true", help="server-side batching with default parameters")
     serve.add_argument("--batching-parameters-file", metavar="FILE",
                        help="TF Serving BatchingParameters text file (implies --enable-batching)")
@@ -31,8 +32,8 @@ def add_commands(subparsers) -> None:
     serve.add_argument("--ssl-cert", metavar="PEM", help="server certificate (with --ssl-key: TLS)")
     serve.add_argument("--ssl-key", metavar="PEM", help="server private key")
     serve.add_argument("--grpc-threads", type=int, default=16,
-                       help="threads that run model calls which do not go through a batcher (requests themselves "
-                            "are served by one asyncio event loop)")
+                       help="threads that run model calls which do not go through a batcher (default 16; requests "
+                            "themselves are served by one asyncio event loop)")
     serve.add_argument("--tensorflow-intra-op-parallelism", type=int, default=0, metavar="N",
                        help="threads one TensorFlow op may use (TF Serving's --tensorflow_intra_op_parallelism); "
                             "0: TensorFlow's choice, one per core (see serving/README.md for when 1 helps)")
@@ -222,7 +223,7 @@ def _ab_options(args, entries):
                  split.salt, ", ".join(f"{a.name}={a.fraction:g} -> " + (f"version {a.version}" if a.version
                                        else f"label {a.label}") for a in split.arms))
     if logger is not None:
-        log.info("logging %g of calls to %s", logger.sampling_rate, logger.log_dir)
+        log.info("logging %g%% of calls to %s", 100 * logger.sampling_rate, logger.log_dir)
     return split, logger
 
 
@@ -246,11 +247,6 @@ def cmd_serve(args) -> int:
 
 
 def cmd_predict(args) -> int:
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # the client imports TensorFlow's protos, and its chatter
-    import grpc
-
-    from serving.client import ModelClient, format_scores
-
     if not 0 < args.timeout < float("inf"):
         raise ValueError(f"--timeout must be > 0 seconds, got {args.timeout}")
     if args.batch_size < 1:
@@ -265,7 +261,14 @@ def cmd_predict(args) -> int:
                              "and bypass it: give one or the other")
         if args.concurrency < 1:
             raise ValueError(f"--concurrency must be >= 1, got {args.concurrency}")
+    if not os.path.isfile(args.csv):  # before the ~8 s of importing TensorFlow's protos and asking the server
+        raise FileNotFoundError(f"--csv {args.csv}: no such file")
     root = _read(args.ca_cert, "--ca-cert") if args.ca_cert else None
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # the client imports TensorFlow's protos, and its chatter
+    import grpc
+
+    from serving.client import ModelClient, format_scores
+
     served = None
     try:
         with ModelClient(args.server, root_certificates=root, server_name=args.server_name,
@@ -278,7 +281,11 @@ def cmd_predict(args) -> int:
                     args.model, args.csv, args.unit_column, unit_in=args.unit_in, batch_size=args.batch_size,
                     concurrency=args.concurrency, progress=_request_progress())
     except grpc.RpcError as err:
-        print(f"error: {err.code().name}: {err.details()}", file=sys.stderr)
+        hint = ""
+        if "is split by" in (err.details() or "") and args.unit_column is None:
+            hint = ("\n(mmoe predict: give --unit-column COLUMN to send each unit through the split, or pin "
+                    "--version / --label)")
+        print(f"error: {err.code().name}: {err.details()}{hint}", file=sys.stderr)
         return 1
     print(format_scores(scores, served=served))
     if served is not None:

@@ -392,6 +392,9 @@ def test_mmoe_predict_sends_one_request_per_unit_through_the_split(split_server,
     # A row without its unit is named before anything is sent.
     from pipelines.cli import main
 
+    # Without --unit-column, the split's refusal comes with what to give mmoe predict.
+    assert main(["predict", "--server", f"127.0.0.1:{srv.port}", "--model", "census", "--csv", str(csv_path)]) == 1
+    assert "give --unit-column COLUMN" in capsys.readouterr().err
     bad = _units_csv(exports, tmp_path / "bad.csv", ["u-1", "", "u-2"])
     assert main(["predict", "--server", f"127.0.0.1:{srv.port}", "--model", "census", "--csv", str(bad),
                  "--unit-column", "user_id"]) == 2

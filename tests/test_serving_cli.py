@@ -200,6 +200,8 @@ def test_serve_process_predict_cli_and_sigterm_drain(exports, base_path, tmp_pat
       "--version", "2"], "bypass it"),
     (["predict", "--server", "localhost:1", "--model", "m", "--csv", "x.csv", "--unit-in", "metadata"],
      "go with --unit-column"),
+    (["predict", "--server", "localhost:1", "--model", "m", "--csv", "/no/such/rows.csv"],
+     "--csv /no/such/rows.csv: no such file"),
     (["predict", "--server", "localhost:1", "--model", "m", "--csv", "x.csv", "--unit-column", "u",
       "--concurrency", "0"], "--concurrency must be >= 1"),
 ])

@@ -278,6 +278,16 @@ def test_an_existing_out_is_refused_before_any_work(small_census, tmp_path, caps
     (tmp_path / "f").write_text("a file")
     assert "is a file" in _run_error(["train", "--data", str(small_census), "--out", str(tmp_path / "f")], capsys)
     assert (tmp_path / "o" / "notes.txt").read_text() == "mine"
+    # Said before Keras and TensorFlow are imported (seconds), in a fresh interpreter.
+    import subprocess
+    import sys
+
+    code = ("import sys; from pipelines.cli import main; "
+            f"rc = main(['train', '--data', {str(small_census)!r}, '--out', {str(tmp_path / 'o')!r}]); "
+            "print(rc, 'keras' in sys.modules, 'tensorflow' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                            cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert result.stdout.split() == ["2", "False", "False"], result.stderr
 
 
 def test_too_few_rows_or_one_file_twice_fail_before_the_transform(tmp_path, census_lines, capsys):

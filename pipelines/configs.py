@@ -35,8 +35,9 @@ from mmoe.config import dataclass_from_mapping, typed_value
 DEFAULT_BEAM_ARGS = ("--direct_running_mode=multi_processing", "--direct_num_workers=0")
 
 _CODE_PACKAGES = ("features", "mmoe", "serving")
-_CODE_FILES = ("pipelines/trainer_module.py", "pipelines/components/spec_example_gen.py",
-               "pipelines/components/spec_schema.py")
+# The pipelines/ modules the components run (the Trainer and Tuner import configs and train_local too).
+_CODE_FILES = ("pipelines/trainer_module.py", "pipelines/configs.py", "pipelines/train_local.py",
+               "pipelines/components/spec_example_gen.py", "pipelines/components/spec_schema.py")
 
 
 @dataclasses.dataclass

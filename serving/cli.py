@@ -102,7 +102,7 @@ def cmd_export(args) -> int:
     print(f"exporting {args.run} (model, tf.Transform graph{'' if args.no_xla else ', XLA expert dispatch'}) ...",
           file=sys.stderr, flush=True)
     export_dir = export_run(args.run, args.base_path, version=args.version, xla=not args.no_xla)
-    base = os.path.dirname(export_dir)
+    base = os.path.dirname(os.path.abspath(export_dir))
     print(f"wrote {export_dir}\nserve it with: mmoe serve --model-base-path {base} "
           f"--model-name {os.path.basename(os.path.normpath(base)) or 'NAME'}")
     return 0

@@ -115,10 +115,15 @@ class ModelClient:
 
         `unit_column` names the CSV column identifying each row's unit (e.g. user_id). `unit_in` says where the
         split reads it: "feature" sends it as an input of that name (a split whose "key" is that column; the
-        server drops it before a signature that does not take it), "metadata" as the gRPC metadata
-        mmoe-split-key (a split whose "key" is ""). Units are grouped as the server hashes them (42, 42.0 and
-        "42" are one unit). Returns (scores, served): scores per task in CSV row order, and served["unit"],
-        served["arm"] (the arm's name; "" where the model is not split) and served["version"] per row.
+        server drops it before the signature), "metadata" as the gRPC metadata mmoe-split-key (a split whose
+        "key" is ""). A model that is not split refuses the unit as an unknown input: the unit then goes as
+        metadata, which it ignores. Units are grouped by the key the server hashes: the column's text as written
+        (so "42" and "42.0" are two units), or its number when the column is a numeric model input (42 and 42.0
+        one unit).
+
+        Returns (scores, served): each task's scores in CSV row order (gate outputs left out; NaN in the rows of
+        an arm whose model lacks the head), and served["unit"], served["arm"] (the arm's name; "" where the model
+        is not split) and served["version"] per row.
         """
         from serving.ab.split import ARM_METADATA, REQUEST_KEY_METADATA, unit_key
 
@@ -133,7 +138,9 @@ class ModelClient:
             raise ValueError(f"{unit_column!r} is an input of the model; a split keyed by it reads it from the "
                              f"request's inputs (unit_in='feature')")
         table = read_csv_columns(path, {**columns, unit_column: columns.get(unit_column, "DT_STRING")})
-        units = [unit_key(value) for value in table[unit_column]]
+        # A missing-value marker is no unit (a numeric column's NaN already is not).
+        units = [None if isinstance(value, bytes) and value.decode(errors="replace") in MISSING_VALUES
+                 else unit_key(value) for value in table[unit_column]]
         if unit_column not in columns:
             del table[unit_column]
         groups: Dict[bytes, List[int]] = {}
@@ -150,18 +157,32 @@ class ModelClient:
         requests = [(unit, np.array(rows[start:start + batch_size]))
                     for unit, rows in groups.items() for start in range(0, len(rows), batch_size)]
 
+        as_feature = [unit_in == "feature" and unit_column not in columns]  # until the server refuses it
+
         def send(item):
             unit, rows = item
-            request = predict_pb2.PredictRequest(output_filter=list(output_filter))
-            self._spec(request.model_spec, model, None, None, "predict_raw")
-            for name, column in table.items():
-                request.inputs[name].CopyFrom(to_proto(column[rows]))
-            metadata = None
-            if unit_in == "feature" and unit_column not in columns:
-                request.inputs[unit_column].CopyFrom(to_proto(np.array([unit] * len(rows), dtype=object)))
-            elif unit_in == "metadata":
-                metadata = [(REQUEST_KEY_METADATA, unit.decode())]
-            response, call = self.predictions.Predict.with_call(request, timeout=self.timeout, metadata=metadata)
+            while True:
+                request = predict_pb2.PredictRequest(output_filter=list(output_filter))
+                self._spec(request.model_spec, model, None, None, "predict_raw")
+                for name, column in table.items():
+                    request.inputs[name].CopyFrom(to_proto(column[rows]))
+                metadata = None
+                feature = as_feature[0]
+                if feature:
+                    request.inputs[unit_column].CopyFrom(to_proto(np.array([unit] * len(rows), dtype=object)))
+                elif unit_in == "metadata" or all(32 <= b < 127 for b in unit):
+                    metadata = [(REQUEST_KEY_METADATA, unit.decode())]
+                try:
+                    response, call = self.predictions.Predict.with_call(request, timeout=self.timeout,
+                                                                         metadata=metadata)
+                    break
+                except grpc.RpcError as err:
+                    # Not split by this feature, so the signature got an input it does not take (the server drops
+                    # the key only for the split keyed by it): send the unit as metadata from now on.
+                    if not (feature and err.code() == grpc.StatusCode.INVALID_ARGUMENT
+                            and "unknown input" in (err.details() or "") and repr(unit_column) in err.details()):
+                        raise
+                    as_feature[0] = False
             arm = dict(call.trailing_metadata() or ()).get(ARM_METADATA, "")
             outputs = {k: to_numpy(v, k, 1 << 30) for k, v in response.outputs.items()}
             return outputs, arm, response.model_spec.version.value
@@ -176,8 +197,10 @@ class ModelClient:
             for done, ((unit, rows), (outputs, arm, served_version)) in enumerate(
                     zip(requests, pool.map(send, requests)), start=1):
                 for name, values in outputs.items():
-                    if name not in scores:
-                        scores[name] = np.zeros((rows_total,) + values.shape[1:], dtype=values.dtype)
+                    if values.ndim != 1:  # gate outputs: [rows, experts], whose width differs between arms
+                        continue
+                    if name not in scores:  # NaN: rows of an arm whose model has no such head
+                        scores[name] = np.full(rows_total, np.nan)
                     scores[name][rows] = values
                 served["unit"][rows] = unit.decode(errors="replace")
                 served["arm"][rows] = arm

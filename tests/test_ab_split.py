@@ -427,3 +427,52 @@ def test_mmoe_predict_sends_the_unit_as_metadata_to_a_split_keyed_by_metadata(ex
         assert "INVALID_ARGUMENT" in capsys.readouterr().err
     finally:
         srv.stop(1)
+
+
+def test_predict_by_unit_keeps_task_scores_when_the_arms_models_differ(tmp_path):
+    # Arm A's model: 4 experts, head income; arm B's: 8 experts and a second head. Gate outputs (whose width
+    # differs) are left out, and B's extra head is NaN in A's rows, not 0.
+    from tensorflow_serving.apis import predict_pb2
+
+    from serving.client import ModelClient
+    from serving.tensors import to_numpy, to_proto
+
+    split = make_split((0.5, 0.5), salt="shapes")
+
+    class Call:
+        def __init__(self, arm):
+            self.arm = arm
+
+        def trailing_metadata(self):
+            return ((ARM_METADATA, self.arm),)
+
+    class Stub:
+        def with_call(self, request, timeout=None, metadata=None):
+            unit = request.inputs["user_id"].string_val[0]
+            arm = split.assign(unit).name
+            age = to_numpy(request.inputs["age"], "age", 1 << 20)
+            n = len(age)
+            response = predict_pb2.PredictResponse()
+            response.model_spec.version.value = 1 if arm == "A" else 2
+            response.outputs["income"].CopyFrom(to_proto(age / 100))
+            response.outputs["income_gates"].CopyFrom(to_proto(np.full((n, 4 if arm == "A" else 8), 0.1, "f4")))
+            if arm == "B":
+                response.outputs["wage"].CopyFrom(to_proto(age * 2))
+            return response, Call(arm)
+
+    users = [f"s-{i}" for i in range(12)]
+    path = tmp_path / "rows.csv"
+    path.write_text("age,user_id\n" + "".join(f"{20 + i},{u}\n" for i, u in enumerate(users)))
+    client = ModelClient("127.0.0.1:1")
+    try:
+        client.raw_inputs = lambda model: {"age": "DT_FLOAT"}
+        client.predictions = type("Predictions", (), {"Predict": Stub()})()
+        scores, served = client.predict_csv_by_unit("m", str(path), "user_id", batch_size=5)
+    finally:
+        client.close()
+    arms = [split.assign(u.encode()).name for u in users]
+    assert served["arm"].tolist() == arms and {"A", "B"} == set(arms)
+    assert sorted(scores) == ["income", "wage"]
+    np.testing.assert_allclose(scores["income"], (20 + np.arange(12)) / 100, rtol=1e-6)
+    in_a = np.array(arms) == "A"
+    assert np.isnan(scores["wage"][in_a]).all() and np.isfinite(scores["wage"][~in_a]).all()

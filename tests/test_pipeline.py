@@ -578,6 +578,7 @@ def test_the_trainer_does_not_warn_that_its_input_ran_out(good_run):
     assert not [w for w in good_run["warnings"] if "ran out of data" in w]
 
 
+@pytest.mark.slow
 def test_end_to_end_artifacts(good_run):
     from pipelines import pipeline as pl
 

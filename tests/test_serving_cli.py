@@ -142,6 +142,17 @@ def test_serve_process_predict_cli_and_sigterm_drain(exports, base_path, tmp_pat
         want = exports.model.predict({k: v[:5] for k, v in exports.model_inputs.items()}, verbose=0)
         got = np.array([[float(x) for x in line.split("\t")[1:]] for line in out[1:]])
         np.testing.assert_allclose(got[:, 0], want["income"], atol=1e-5)
+        # --unit-column against a model that is not split: the unit input is refused, so it goes as metadata,
+        # and every row is served, with the note that nothing is split.
+        units_csv = _write_csv(exports.frame.iloc[:5].assign(user_id=[f"u{i % 2}" for i in range(5)]),
+                               tmp_path / "units.csv")
+        assert main(["predict", "--server", address, "--model", "census", "--csv", str(units_csv),
+                     "--unit-column", "user_id"]) == 0
+        captured = capsys.readouterr()
+        lines = [line.split("\t") for line in captured.out.splitlines()]
+        assert lines[0][-3:] == ["unit", "arm", "version"] and [r[-2] for r in lines[1:]] == ["-"] * 5
+        assert [r[1] for r in lines[1:]] == [r.split("\t")[1] for r in out[1:]]
+        assert "is not split on this server" in captured.err
         # Sent two rows a request (so three requests), the same scores in the same order.
         assert main(["predict", "--server", address, "--model", "census", "--csv", str(csv_path),
                      "--batch-size", "2"]) == 0

@@ -365,16 +365,22 @@ def read_prediction_logs(log_dir: str):
     inputs = sorted(c for c in frame.columns if c.startswith("in."))
     outputs = sorted(c for c in frame.columns if c.startswith("out."))
     frame = frame[fixed + inputs + outputs]
-    for column in inputs + outputs:
+    for column in inputs:
         frame[column] = _typed(frame[column])
+    for column in outputs:  # scores: float64 (NaN where a record has no such output)
+        frame[column] = frame[column].astype("float64")
     return frame.astype({"arm": str, "model": str, "signature": str, "version": "int64", "time_ms": "int64"})
 
 
 def _typed(column):
-    """An object column as float64 / str objects as before, or nullable Int64 when it holds only integers."""
+    """A logged input column: nullable Int64 when it holds only integers, objects (each value exact) when it mixes
+    integers with other values, else as pandas infers it (float64 or text)."""
     present = column[column.notna()]
-    if len(present) and present.map(lambda v: isinstance(v, int)).all():
+    is_int = present.map(lambda v: isinstance(v, int))
+    if len(present) and is_int.all():
         return column.astype("Int64")
+    if is_int.any():
+        return column
     return column.infer_objects()
 
 

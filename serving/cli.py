@@ -4,6 +4,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import warnings
 
 
 def add_commands(subparsers) -> None:
@@ -264,7 +265,10 @@ def cmd_predict(args) -> int:
     if not os.path.isfile(args.csv):  # before the ~8 s of importing TensorFlow's protos and asking the server
         raise FileNotFoundError(f"--csv {args.csv}: no such file")
     root = _read(args.ca_cert, "--ca-cert") if args.ca_cert else None
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # the client imports TensorFlow's protos, and its chatter
+    # The client only imports TensorFlow's protos, and runs no TensorFlow op: its start-up chatter (CUDA plugin
+    # registration errors on a CPU machine, google.api_core's Python-version warning) says nothing to this user.
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    warnings.filterwarnings("ignore", message="You are using a non-supported Python version", category=FutureWarning)
     import grpc
 
     from serving.client import ModelClient, format_scores

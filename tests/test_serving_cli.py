@@ -142,6 +142,16 @@ def test_serve_process_predict_cli_and_sigterm_drain(exports, base_path, tmp_pat
         want = exports.model.predict({k: v[:5] for k, v in exports.model_inputs.items()}, verbose=0)
         got = np.array([[float(x) for x in line.split("\t")[1:]] for line in out[1:]])
         np.testing.assert_allclose(got[:, 0], want["income"], atol=1e-5)
+        # As a command in its own process: the same scores, and TensorFlow's import chatter kept off stderr.
+        import os
+        import sys
+
+        env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+        command = subprocess.run([sys.executable, "-m", "pipelines.cli", "predict", "--server", address, "--model",
+                                  "census", "--csv", str(csv_path)], capture_output=True, text=True, env=env,
+                                 timeout=120, cwd=str(Path(__file__).resolve().parents[1]))
+        assert command.returncode == 0 and command.stdout.splitlines() == out, command.stderr
+        assert command.stderr.strip() == "", command.stderr
         # --unit-column against a model that is not split: the unit input is refused, so it goes as metadata,
         # and every row is served, with the note that nothing is split.
         units_csv = _write_csv(exports.frame.iloc[:5].assign(user_id=[f"u{i % 2}" for i in range(5)]),

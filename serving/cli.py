@@ -6,6 +6,9 @@ import os
 import sys
 import warnings
 
+# Requests `mmoe predict --unit-column` keeps in flight (one unit each).
+PREDICT_CONCURRENCY = 8
+
 
 def add_commands(subparsers) -> None:
     serve = subparsers.add_parser(
@@ -81,8 +84,8 @@ def add_commands(subparsers) -> None:
     split.add_argument("--unit-in", choices=("feature", "metadata"), default="feature",
                        help="send the unit as input COLUMN (a split whose key is COLUMN; default) or as gRPC "
                             "metadata mmoe-split-key (a split whose key is \"\")")
-    split.add_argument("--concurrency", type=int, default=8, metavar="N",
-                       help="requests in flight at once with --unit-column (default 8)")
+    split.add_argument("--concurrency", type=int, default=PREDICT_CONCURRENCY, metavar="N",
+                       help=f"requests in flight at once with --unit-column (default {PREDICT_CONCURRENCY})")
     predict.set_defaults(func=cmd_predict)
 
     export = subparsers.add_parser(
@@ -254,7 +257,7 @@ def cmd_predict(args) -> int:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.server_name and not args.ca_cert:
         raise ValueError("--server-name is the name to check in the server's certificate: it needs --ca-cert (TLS)")
-    if args.unit_column is None and (args.unit_in != "feature" or args.concurrency != 8):
+    if args.unit_column is None and (args.unit_in != "feature" or args.concurrency != PREDICT_CONCURRENCY):
         raise ValueError("--unit-in and --concurrency go with --unit-column")
     if args.unit_column is not None:
         if args.version is not None or args.label:

@@ -68,12 +68,22 @@ class ModelClient:
     def predict(self, model: str, inputs: Dict[str, np.ndarray], *, signature: str = "serving_default",
                 version: Optional[int] = None, label: Optional[str] = None,
                 output_filter: Sequence[str] = ()) -> Dict[str, np.ndarray]:
+        return self._predict_call(model, inputs, signature=signature, version=version, label=label,
+                                  output_filter=output_filter)[0]
+
+    def _predict_call(self, model: str, inputs: Dict[str, np.ndarray], *, signature: str,
+                      version: Optional[int] = None, label: Optional[str] = None, output_filter: Sequence[str] = (),
+                      metadata=None):
+        """One Predict call: (outputs, the version that served it, the split arm that did, "" when none)."""
+        from serving.ab.split import ARM_METADATA
+
         request = predict_pb2.PredictRequest(output_filter=list(output_filter))
         self._spec(request.model_spec, model, version, label, signature)
         for name, value in inputs.items():
             request.inputs[name].CopyFrom(to_proto(np.asarray(value)))
-        response = self.predictions.Predict(request, timeout=self.timeout)
-        return {k: to_numpy(v, k, 1 << 30) for k, v in response.outputs.items()}
+        response, call = self.predictions.Predict.with_call(request, timeout=self.timeout, metadata=metadata)
+        outputs = {k: to_numpy(v, k, 1 << 30) for k, v in response.outputs.items()}
+        return outputs, response.model_spec.version.value, dict(call.trailing_metadata() or ()).get(ARM_METADATA, "")
 
     def predict_examples(self, model: str, examples: Iterable[bytes], **kwargs) -> Dict[str, np.ndarray]:
         """serving_default on serialized tf.Examples."""
@@ -125,7 +135,7 @@ class ModelClient:
         an arm whose model lacks the head), and served["unit"], served["arm"] (the arm's name; "" where the model
         is not split) and served["version"] per row.
         """
-        from serving.ab.split import ARM_METADATA, REQUEST_KEY_METADATA, unit_key
+        from serving.ab.split import REQUEST_KEY_METADATA, unit_key
 
         if batch_size < 1:
             raise ValueError(f"batch size must be >= 1, got {batch_size}")
@@ -150,7 +160,7 @@ class ModelClient:
             groups.setdefault(unit, []).append(row)
         if unit_in == "metadata":
             for unit in groups:
-                if not all(32 <= b < 127 for b in unit):  # gRPC metadata values are printable ASCII
+                if not _metadata_value(unit):
                     raise ValueError(f"{path}: unit {unit!r} cannot be sent as gRPC metadata (printable ASCII "
                                      f"only); split by a feature instead")
         # (unit, row indices) of each request, units in order of first appearance.
@@ -162,20 +172,16 @@ class ModelClient:
         def send(item):
             unit, rows = item
             while True:
-                request = predict_pb2.PredictRequest(output_filter=list(output_filter))
-                self._spec(request.model_spec, model, None, None, "predict_raw")
-                for name, column in table.items():
-                    request.inputs[name].CopyFrom(to_proto(column[rows]))
+                inputs = {name: column[rows] for name, column in table.items()}
                 metadata = None
                 feature = as_feature[0]
                 if feature:
-                    request.inputs[unit_column].CopyFrom(to_proto(np.array([unit] * len(rows), dtype=object)))
-                elif unit_in == "metadata" or all(32 <= b < 127 for b in unit):
+                    inputs[unit_column] = np.array([unit] * len(rows), dtype=object)
+                elif unit_in == "metadata" or _metadata_value(unit):
                     metadata = [(REQUEST_KEY_METADATA, unit.decode())]
                 try:
-                    response, call = self.predictions.Predict.with_call(request, timeout=self.timeout,
-                                                                         metadata=metadata)
-                    break
+                    return self._predict_call(model, inputs, signature="predict_raw", output_filter=output_filter,
+                                              metadata=metadata)
                 except grpc.RpcError as err:
                     # Not split by this feature, so the signature got an input it does not take (the server drops
                     # the key only for the split keyed by it): send the unit as metadata from now on.
@@ -183,9 +189,6 @@ class ModelClient:
                             and "unknown input" in (err.details() or "") and repr(unit_column) in err.details()):
                         raise
                     as_feature[0] = False
-            arm = dict(call.trailing_metadata() or ()).get(ARM_METADATA, "")
-            outputs = {k: to_numpy(v, k, 1 << 30) for k, v in response.outputs.items()}
-            return outputs, arm, response.model_spec.version.value
 
         rows_total = len(units)
         scores: Dict[str, np.ndarray] = {}
@@ -194,7 +197,7 @@ class ModelClient:
         from concurrent import futures
 
         with futures.ThreadPoolExecutor(max_workers=concurrency) as pool:
-            for done, ((unit, rows), (outputs, arm, served_version)) in enumerate(
+            for done, ((unit, rows), (outputs, served_version, arm)) in enumerate(
                     zip(requests, pool.map(send, requests)), start=1):
                 for name, values in outputs.items():
                     if values.ndim != 1:  # gate outputs: [rows, experts], whose width differs between arms
@@ -213,6 +216,11 @@ class ModelClient:
         request = get_model_status_pb2.GetModelStatusRequest()
         self._spec(request.model_spec, model, version, label)
         return self.models.GetModelStatus(request, timeout=self.timeout)
+
+
+def _metadata_value(unit: bytes) -> bool:
+    """Whether a unit key can travel as a gRPC metadata value (printable ASCII only)."""
+    return all(32 <= b < 127 for b in unit)
 
 
 def read_csv_columns(path: str, dtypes: Dict[str, str]) -> Dict[str, np.ndarray]:

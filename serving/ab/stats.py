@@ -520,8 +520,7 @@ def judge(results: Sequence[Dict[str, dict]], settings: Settings) -> None:
         test["p_holm"] = p_holm
         test["mde"] = family * test["se_bootstrap"]
         test["tests_in_family"] = len(tests)
-        alpha = settings.alpha
-        if not np.isfinite(p_holm) or p_holm >= alpha or test["diff"] == 0:
+        if not np.isfinite(p_holm) or p_holm >= settings.alpha or test["diff"] == 0:
             r["verdict"] = NO_DIFFERENCE
         else:
             better = (test["diff"] > 0) == HIGHER_IS_BETTER[test["metric"]]

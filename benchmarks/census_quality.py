@@ -59,7 +59,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.arg_types import non_negative_int, positive_int  # noqa: E402
+from benchmarks.arg_types import existing_file, non_negative_int, positive_int  # noqa: E402
 from benchmarks.run_cache import RunCache  # noqa: E402
 from mmoe.config import ARCHITECTURES  # noqa: E402
 
@@ -692,8 +692,9 @@ def summarize(runs, tasks, split="test"):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--data", nargs="+", help="census file(s): one file = protocol (b), two = protocol (a)")
-    source.add_argument("--arrays", nargs="+", help="`mmoe data export` files, one per task group")
+    source.add_argument("--data", nargs="+", type=existing_file,
+                        help="census file(s): one file = protocol (b), two = protocol (a)")
+    source.add_argument("--arrays", nargs="+", type=existing_file, help="`mmoe data export` files, one per task group")
     source.add_argument("--plot", nargs="+", metavar="REPORT",
                         help="train nothing: draw one figure of the groups in these finished reports (JSON files "
                         "this script wrote) to --out's .png")
@@ -742,9 +743,6 @@ def main(argv=None):
     unknown = sorted(set(args.archs) - set(ARCHITECTURES))
     if unknown:
         parser.error(f"--archs: unknown {unknown}; choose from {list(ARCHITECTURES)}")
-    for path in (args.arrays or []) + (args.data or []):
-        if not os.path.isfile(path):
-            parser.error(f"{path}: no such file")
     if args.data and len(args.data) > 2:
         parser.error(f"--data takes one file (protocol b) or two (protocol a), got {len(args.data)}")
     if args.select_seeds < 1:

@@ -399,6 +399,11 @@ def test_mmoe_predict_sends_one_request_per_unit_through_the_split(split_server,
     assert main(["predict", "--server", f"127.0.0.1:{srv.port}", "--model", "census", "--csv", str(bad),
                  "--unit-column", "user_id"]) == 2
     assert "bad.csv:3: column 'user_id' is empty" in capsys.readouterr().err
+    # A missing-value marker is no unit either (it would otherwise be one unit holding every such row).
+    marker = _units_csv(exports, tmp_path / "marker.csv", ["u-1", "u-2", "?"])
+    assert main(["predict", "--server", f"127.0.0.1:{srv.port}", "--model", "census", "--csv", str(marker),
+                 "--unit-column", "user_id"]) == 2
+    assert "marker.csv:4: column 'user_id' is empty" in capsys.readouterr().err
 
 
 def test_mmoe_predict_sends_the_unit_as_metadata_to_a_split_keyed_by_metadata(exports, tmp_path, capsys):
